@@ -174,3 +174,25 @@ def preset(name: str) -> Qwen2Config:
     if key not in PRESETS:
         raise CheckpointError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
     return PRESETS[key]
+
+
+def resolve_model_config(path_or_id: str) -> Qwen2Config:
+    """The architecture of an HF dir, a jaxzero dir, or a Qwen2.5 hub id (by its preset).
+
+    Reading a hub id's preset needs no download, so `jaxzero plan` works before the weights
+    are fetched.
+    """
+    path = Path(path_or_id)
+    if (path / "model_config.json").is_file():
+        fields = json.loads((path / "model_config.json").read_text())
+        known = {f.name for f in dataclasses.fields(Qwen2Config)}
+        return Qwen2Config.from_dict({k: v for k, v in fields.items() if k in known})
+    if (path / "config.json").is_file():
+        return Qwen2Config.from_hf_dir(path)
+    name = str(path_or_id).lower().split("/")[-1]
+    for key, cfg in PRESETS.items():
+        if name.startswith(key + "-") or name == key:
+            return cfg
+    raise CheckpointError(
+        f"{path_or_id}: not an HF model dir (no config.json), not a jaxzero dir (no "
+        f"model_config.json), and not a known Qwen2.5 hub id ({', '.join(PRESETS)})")

@@ -181,3 +181,15 @@ def bytes_per_device(tree, shardings) -> int:
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
         total += int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def put_global(host_tree, shardings):
+    """Places host arrays (the same values on every process) onto global shardings.
+
+    Each process copies only the shards its own devices hold, so this works unchanged on one
+    host or many.
+    """
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, host_tree, shardings)

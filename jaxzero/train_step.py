@@ -1,0 +1,171 @@
+"""The jitted pieces of a GRPO step: completion log-probs and the sharded, donated update."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxzero import grpo
+from jaxzero.sharding import BATCH, batch_sharding, follow_params, param_shardings, replicated
+
+
+class TrainBatch(NamedTuple):
+    """One GRPO batch of B = prompts × n rollouts. L = P prompt slots + R response slots."""
+
+    tokens_BL: jax.Array          # int32, prompt left-padded to P, then the response
+    valid_BL: jax.Array           # bool, real tokens (prompt padding and post-stop are False)
+    response_mask_BR: jax.Array   # float32, response tokens that enter the loss
+    advantages_B: jax.Array       # float32
+    old_logp_BR: jax.Array        # float32, log-probs under the rollout policy
+    ref_logp_BR: jax.Array        # float32, log-probs under the frozen reference
+
+
+def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
+                        with_entropy: bool = False, chunk: int = 128):
+    """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes.
+
+    Logits are formed `chunk` response positions at a time under a rematerialised map, so the
+    [B, R, V] float32 logits never exist at once, in the forward or the backward pass.
+    """
+    h_BLD, _ = model.hidden_states(tokens_BL, valid_BL)
+    b, length = tokens_BL.shape
+    h_BRD = h_BLD[:, length - response_len - 1: length - 1]
+    targets_BR = tokens_BL[:, length - response_len:]
+    w_VD = model.lm_head_weight().astype(model.options.compute_dtype)
+    chunk = min(chunk, response_len)
+    pad = -response_len % chunk
+    if pad:
+        h_BRD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
+        targets_BR = jnp.pad(targets_BR, ((0, 0), (0, pad)))
+    n_chunks = h_BRD.shape[1] // chunk
+    h_CBcD = h_BRD.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
+    t_CBc = targets_BR.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_BcD, t_Bc = args
+        logits_BcV = jnp.einsum("BCD,VD->BCV", h_BcD, w_VD, preferred_element_type=jnp.float32)
+        logp = grpo.token_logprobs(logits_BcV, t_Bc)
+        ent = grpo.token_entropy(logits_BcV) if with_entropy else jnp.zeros_like(logp)
+        return logp, ent
+
+    logp_CBc, ent_CBc = jax.lax.map(one_chunk, (h_CBcD, t_CBc))
+    logp_BR = logp_CBc.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    ent_BR = ent_CBc.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    return logp_BR, ent_BR
+
+
+def make_optimizer(*, lr: float | Callable, weight_decay: float, b1: float, b2: float,
+                   eps: float, grad_clip: float | None) -> optax.GradientTransformation:
+    """AdamW (decay on every parameter, as torch and verl do) after global-norm clipping."""
+    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+
+
+def lr_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if kind == "constant":
+        main = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps)
+    elif kind == "linear":
+        main = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; use constant, cosine or linear")
+    if not warmup_steps:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main],
+                                [warmup_steps])
+
+
+def _micro_split(x, m: int):
+    """[B, ...] -> [M, B/M, ...] taking strided rows, so each micro-batch spans every device."""
+    return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The jitted functions of a run, compiled with explicit shardings over one mesh."""
+
+    logprobs: Callable     # (params, tokens_BL, valid_BL) -> logp_BR
+    update: Callable       # (params, opt_state, batch) -> (params, opt_state, metrics)
+    param_shardings: object
+    opt_shardings: object
+
+
+def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTransformation,
+                         loss_config: grpo.LossConfig, mesh: Mesh, *, response_len: int,
+                         micro_batches: int = 1, logit_chunk: int = 128) -> StepFunctions:
+    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`."""
+    p_shard = param_shardings(abstract_params, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    o_shard = follow_params(abstract_opt, abstract_params, mesh)
+    row2 = batch_sharding(mesh, 2)
+    batch_shard = TrainBatch(row2, row2, row2, batch_sharding(mesh, 1), row2, row2)
+
+    def logprobs(params, tokens_BL, valid_BL):
+        model = nnx.merge(graphdef, params)
+        logp_BR, _ = completion_logprobs(model, tokens_BL, valid_BL, response_len,
+                                         chunk=logit_chunk)
+        return logp_BR
+
+    def loss_fn(params, mb: TrainBatch, norm):
+        model = nnx.merge(graphdef, params)
+        logp_BR, ent_BR = completion_logprobs(
+            model, mb.tokens_BL, mb.valid_BL, response_len,
+            with_entropy=loss_config.entropy_coeff != 0.0, chunk=logit_chunk)
+        return grpo.grpo_loss(logp_BR, mb.old_logp_BR, mb.ref_logp_BR, mb.advantages_B,
+                              mb.response_mask_BR, entropy_BT=ent_BR, config=loss_config,
+                              norm=norm)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(params, opt_state, batch: TrainBatch):
+        # Normalisers come from the whole batch, so micro-batch losses and gradients sum
+        # exactly to the full-batch ones.
+        norm = grpo.aggregation_norms(batch.response_mask_BR, loss_config.agg)
+        if micro_batches == 1:
+            (loss, metrics), grads = grad_fn(params, batch, norm)
+        else:
+            micro = jax.tree.map(lambda x: _micro_split(x, micro_batches), batch)
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (_, metrics_shape), _ = jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro), norm)
+
+            def accumulate(carry, mb):
+                grads_acc, loss_acc, metrics_acc = carry
+                (loss, metrics), grads = grad_fn(params, mb, norm)
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
+                        jax.tree.map(jnp.add, metrics_acc, metrics)), None
+
+            init = (zeros, jnp.zeros((), jnp.float32),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+            (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, micro)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves parameters and optimizer state untouched.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                       skipped=(~finite).astype(jnp.float32))
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    # params and opt_state are donated: the update writes the new ones into the same buffers,
+    # so a step never holds two copies of the model and its Adam moments.
+    update_jit = jax.jit(update, in_shardings=(p_shard, o_shard, batch_shard),
+                         out_shardings=(p_shard, o_shard, replicated(mesh)),
+                         donate_argnums=(0, 1))
+    logprobs_jit = jax.jit(logprobs, in_shardings=(p_shard, row2, row2), out_shardings=row2)
+    return StepFunctions(logprobs_jit, update_jit, p_shard, o_shard)
+
+
+def init_opt_state(optimizer, params, opt_shardings):
+    """Optimizer state created directly on its shardings (it follows the parameters)."""
+    return jax.jit(optimizer.init, out_shardings=opt_shardings)(params)

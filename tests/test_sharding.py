@@ -1,0 +1,125 @@
+"""Sharded forward, log-probs, loss, gradients and update equal the single-device results."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxzero import grpo
+from jaxzero.errors import ConfigError
+from jaxzero.model import init_model
+from jaxzero.model_config import Qwen2Config
+from jaxzero.sharding import (PARAM_RULES, follow_params, make_mesh, param_shardings,
+                              resolve_mesh_shape)
+from jaxzero.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+
+CFG = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+R = 6  # response slots
+LOSS = grpo.LossConfig(entropy_coeff=0.01, use_kl_loss=True, kl_coef=0.1)
+
+
+def _batch(seed=0, b=8, p=10):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, CFG.vocab_size, (b, p + R)).astype(np.int32)
+    valid = np.ones((b, p + R), bool)
+    for i in range(b):
+        valid[i, : rng.randint(0, 5)] = False          # left padding
+        valid[i, p + rng.randint(1, R + 1):] = False    # early stop
+    mask = valid[:, p:].astype(np.float32)
+    return TrainBatch(jnp.array(tokens), jnp.array(valid), jnp.array(mask),
+                      jnp.array(rng.randn(b).astype(np.float32)),
+                      jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5),
+                      jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5))
+
+
+def _run(mesh):
+    graphdef, params = nnx.split(init_model(CFG, seed=1))
+    optimizer = make_optimizer(lr=1e-3, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                               grad_clip=1.0)
+    fns = build_step_functions(graphdef, params, optimizer, LOSS, mesh, response_len=R)
+    params = jax.device_put(params, fns.param_shardings)
+    opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
+    batch = _batch()
+    with jax.set_mesh(mesh):
+        logits, _ = jax.jit(lambda p, t, v: nnx.merge(graphdef, p)(t, v))(
+            params, batch.tokens_BL, batch.valid_BL)
+    logp = fns.logprobs(params, batch.tokens_BL, batch.valid_BL)
+    new_params, new_opt, metrics = fns.update(params, opt_state, batch)
+    return (np.asarray(logits), np.asarray(logp), jax.device_get(metrics),
+            jax.device_get(new_params), new_params, new_opt)
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The unsharded reference: a 1x1x1 mesh on the first device."""
+    return _run(make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)])
+def test_sharded_equals_single_device(single, mesh_shape):
+    logits, logp, metrics, params, _, _ = _run(make_mesh(*mesh_shape))
+    ref_logits, ref_logp, ref_metrics, ref_params, _, _ = single
+    valid = np.asarray(_batch().valid_BL)
+    np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=1e-5)
+    np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
+    for key in ("loss", "grad_norm", "pg_loss", "kl", "entropy"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_parameters_are_really_sharded():
+    mesh = make_mesh(1, 4, 2)
+    _, _, _, _, params, opt_state = _run(mesh)
+    q = params["layers"][0]["attn"]["q_DNH"].value
+    assert q.sharding.spec == P("fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
+    up = params["layers"][1]["mlp"]["up_DF"].value
+    assert up.addressable_shards[0].data.shape == (16, 64)
+    embed = params["embed_VD"].value
+    assert embed.sharding.spec == P("tensor", "fsdp")
+    # Adam moments follow their parameter.
+    mu = opt_state[1][0].mu["layers"][0]["attn"]["q_DNH"].value
+    assert mu.sharding.spec == P("fsdp", "tensor", None)
+    assert mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_indivisible_heads_are_replicated():
+    cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=1)
+    mesh = make_mesh(1, 2, 4)
+    _, params = nnx.split(init_model(cfg))
+    shard = param_shardings(params, mesh)
+    assert shard["layers"][0]["attn"]["k_DKH"].value.spec == P("fsdp", None, None)
+    assert shard["layers"][0]["attn"]["q_DNH"].value.spec == P("fsdp", "tensor", None)
+
+
+def test_every_parameter_has_a_rule():
+    untied = Qwen2Config(**{**CFG.to_dict(), "tie_word_embeddings": False})
+    _, params = nnx.split(init_model(untied))
+    names = {str(p[-2].key) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert names == set(PARAM_RULES)
+
+
+def test_optimizer_state_follows_parameters():
+    mesh = make_mesh(1, 8, 1)
+    _, params = nnx.split(init_model(CFG))
+    opt = make_optimizer(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0)
+    shard = follow_params(jax.eval_shape(opt.init, params), params, mesh)
+    nu = shard[1][0].nu["embed_VD"].value
+    assert nu.spec == P("tensor", "fsdp")
+    assert shard[1][0].count.spec == P()
+
+
+def test_mesh_resolution_and_errors():
+    assert resolve_mesh_shape(1, -1, 2, 8) == (1, 4, 2)
+    assert resolve_mesh_shape(2, 2, 2, 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="6 devices, but 8 devices exist"):
+        resolve_mesh_shape(2, 3, 1, 8)
+    with pytest.raises(ConfigError, match="does not divide"):
+        resolve_mesh_shape(3, -1, 1, 8)
+    with pytest.raises(ConfigError, match="at most one is -1"):
+        resolve_mesh_shape(-1, -1, 1, 8)
