@@ -1,0 +1,216 @@
+"""GRPO math: group advantages, KL estimators, the clipped policy loss and its aggregation.
+
+Pure functions of arrays and static hyperparameters, following verl's definitions
+(`core_algos.py`): B rollouts (prompts × group size G, a prompt's rollouts contiguous),
+T response tokens (the padded response length), V vocabulary.
+
+Exact micro-batching: every loss term and metric is a sum over tokens divided by a
+normaliser of the *whole* batch (`AggNorms`), so summing micro-batch losses, gradients and
+metrics computed with the full batch's `AggNorms` gives the full-batch ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+_LOG_RATIO_BOUND = 20.0   # verl clamps log-ratios to ±20 before exp
+_K3_BOUND = 10.0          # and the k3 estimate to ±10
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(AGG_MODES)}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AggNorms:
+    """Whole-batch normalisers, float32 scalars; each is at least 1 so empty batches give 0."""
+
+    tokens: jax.Array      # valid tokens (token-mean)
+    sequences: jax.Array   # rows with at least one valid token (seq-mean-*)
+    cells: jax.Array       # B × T of the padded batch (seq-mean-token-sum-norm, Dr. GRPO)
+
+
+def aggregation_norms(mask_BT: jax.Array, mode: str) -> AggNorms:
+    """Normalisers of a full batch, to pass to `aggregate` for each of its micro-batches.
+
+    All three are computed whatever `mode` is, because the metrics are token means; `mode`
+    is checked here so a misspelt mode fails before any micro-batch runs.
+    """
+    _check_mode(mode)
+    m_BT = mask_BT.astype(jnp.float32)
+    one = jnp.float32(1.0)
+    return AggNorms(tokens=jnp.maximum(m_BT.sum(), one),
+                    sequences=jnp.maximum((m_BT.sum(-1) > 0).sum().astype(jnp.float32), one),
+                    cells=jnp.float32(max(mask_BT.shape[0] * mask_BT.shape[1], 1)))
+
+
+def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str, *,
+              norm: AggNorms | None = None) -> jax.Array:
+    """Reduces per-token values to a scalar; `norm` (default: this batch's) makes it exact
+    under micro-batching. Masked tokens and empty rows contribute 0, never NaN."""
+    _check_mode(mode)
+    if norm is None:
+        norm = aggregation_norms(mask_BT, mode)
+    m_BT = mask_BT.astype(jnp.float32)
+    x_BT = jnp.where(m_BT > 0, x_BT.astype(jnp.float32), 0.0) * m_BT
+    if mode == "token-mean":
+        return x_BT.sum() / norm.tokens
+    if mode == "seq-mean-token-sum":
+        return x_BT.sum() / norm.sequences
+    if mode == "seq-mean-token-mean":
+        # A row's own token count is local to its micro-batch; only the row count is global.
+        seq_B = x_BT.sum(-1) / jnp.maximum(m_BT.sum(-1), 1.0)
+        return seq_B.sum() / norm.sequences
+    return x_BT.sum() / norm.cells
+
+
+def group_advantages(scores_B: jax.Array, group_size: int, *, eps: float = 1e-6,
+                     scale_by_std: bool = True) -> jax.Array:
+    """(s − group mean) / (group std + eps), std unbiased as torch.std; float32 [B].
+
+    A group of one has mean 0 and std 1, as in verl. `scale_by_std=False` is Dr. GRPO.
+    """
+    n = scores_B.shape[0]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size} must be ≥ 1 and divide the batch ({n})")
+    s_PG = jnp.asarray(scores_B, jnp.float32).reshape(n // group_size, group_size)
+    if group_size == 1:
+        mean_P1, std_P1 = jnp.zeros_like(s_PG), jnp.ones_like(s_PG)
+    else:
+        mean_P1 = s_PG.mean(-1, keepdims=True)
+        std_P1 = s_PG.std(-1, keepdims=True, ddof=1)
+    adv_PG = s_PG - mean_P1
+    if scale_by_std:
+        adv_PG = adv_PG / (std_P1 + eps)
+    return adv_PG.reshape(n)
+
+
+def kl_penalty(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str) -> jax.Array:
+    """Per-token KL(π‖π_ref) estimate: k1 (kl), abs, k2 (mse) or k3 (low_var_kl)."""
+    diff_BT = logp_BT.astype(jnp.float32) - ref_logp_BT.astype(jnp.float32)
+    if kind in ("k1", "kl"):
+        return diff_BT
+    if kind == "abs":
+        return jnp.abs(diff_BT)
+    if kind in ("k2", "mse"):
+        return 0.5 * jnp.square(diff_BT)
+    if kind in ("k3", "low_var_kl"):
+        x_BT = jnp.clip(-diff_BT, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        return jnp.clip(jnp.exp(x_BT) - x_BT - 1.0, -_K3_BOUND, _K3_BOUND)
+    raise ValueError(f"unknown KL kind {kind!r}; valid: {', '.join(KL_KINDS)}")
+
+
+def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv: jax.Array, mask_BT: jax.Array,
+                *, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = None,
+                agg: str = "token-mean", norm: AggNorms | None = None,
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO clipped surrogate (asymmetric clip, optional dual clip) as verl's vanilla loss.
+
+    `adv` is [B] (one advantage per rollout) or [B, T]. Metrics: `clipfrac` (tokens where
+    the clipped term is strictly the larger), `clipfrac_lower` (tokens capped by the dual
+    clip), `approx_kl` (token mean of old_logp − logp).
+    """
+    if norm is None:
+        norm = aggregation_norms(mask_BT, agg)
+    adv_BT = jnp.asarray(adv, jnp.float32)
+    if adv_BT.ndim == 1:
+        adv_BT = adv_BT[:, None]
+    log_ratio_BT = jnp.clip(logp_BT.astype(jnp.float32) - old_logp_BT.astype(jnp.float32),
+                            -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    ratio_BT = jnp.exp(log_ratio_BT)
+    unclipped_BT = -adv_BT * ratio_BT
+    clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
+    loss_BT = jnp.maximum(unclipped_BT, clipped_BT)
+    token_mean = lambda x_BT: aggregate(x_BT, mask_BT, "token-mean", norm=norm)
+    metrics = {"clipfrac": token_mean((clipped_BT > unclipped_BT).astype(jnp.float32)),
+               "approx_kl": token_mean(-log_ratio_BT)}
+    if clip_c is None:
+        metrics["clipfrac_lower"] = jnp.zeros((), jnp.float32)
+    else:
+        cap_BT = -adv_BT * clip_c
+        negative_BT = adv_BT < 0
+        metrics["clipfrac_lower"] = token_mean((negative_BT & (loss_BT > cap_BT))
+                                               .astype(jnp.float32))
+        loss_BT = jnp.where(negative_BT, jnp.minimum(loss_BT, cap_BT), loss_BT)
+    return aggregate(loss_BT, mask_BT, agg, norm=norm), metrics
+
+
+def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """log softmax(logits)[token], float32 [B, T]; gathers one logit instead of a V-wide
+    log-softmax."""
+    lse_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, tokens_BT[..., None].astype(jnp.int32),
+                                    axis=-1)[..., 0]
+    return picked_BT.astype(jnp.float32) - lse_BT
+
+
+def token_entropy(logits_BTV: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits), float32 [B, T], for finite logits.
+
+    Σ_v p_v·(lse − l_v) has only non-negative terms; the upcasts sit inside one fused
+    reduction, so no V-wide float32 copy is kept.
+    """
+    lse_BT1 = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1, keepdims=True)
+    gap_BTV = lse_BT1 - logits_BTV.astype(jnp.float32)
+    return jnp.sum(jnp.exp(-gap_BTV) * gap_BTV, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static hyperparameters of the GRPO loss; hashable, so it can be a static jit argument."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2             # > clip_low is DAPO's clip-higher
+    clip_c: float | None = None        # dual-clip cap for negative advantages; None: off
+    agg: str = "token-mean"
+    entropy_coeff: float = 0.001
+    use_kl_loss: bool = True
+    kl_coef: float = 0.001
+    kl_kind: str = "low_var_kl"
+
+    def __post_init__(self):
+        _check_mode(self.agg)
+        if self.kl_kind not in KL_KINDS:
+            raise ValueError(f"unknown KL kind {self.kl_kind!r}; valid: {', '.join(KL_KINDS)}")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError(f"need 0 ≤ clip_low < 1 and clip_high ≥ 0, got "
+                             f"{self.clip_low}, {self.clip_high}")
+        if self.clip_c is not None and self.clip_c <= 1:
+            raise ValueError(f"clip_c must be > 1 (or None for off), got {self.clip_c}")
+        if self.entropy_coeff < 0 or self.kl_coef < 0:
+            raise ValueError("entropy_coeff and kl_coef must be ≥ 0")
+
+
+def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array | None,
+              adv_B: jax.Array, mask_BT: jax.Array, *, entropy_BT: jax.Array,
+              config: LossConfig, norm: AggNorms | None = None,
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """pg_loss − entropy_coeff·agg(entropy) [+ kl_coef·agg(kl) when use_kl_loss], as verl.
+
+    `ref_logp_BT` may be None when use_kl_loss is off; the `kl` metric is then 0. Every
+    metric is additive over micro-batches that share the full batch's `norm`.
+    """
+    if norm is None:
+        norm = aggregation_norms(mask_BT, config.agg)
+    pg_loss, metrics = policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT,
+                                   clip_low=config.clip_low, clip_high=config.clip_high,
+                                   clip_c=config.clip_c, agg=config.agg, norm=norm)
+    entropy = aggregate(entropy_BT, mask_BT, config.agg, norm=norm)
+    total = pg_loss - config.entropy_coeff * entropy
+    if config.use_kl_loss:
+        if ref_logp_BT is None:
+            raise ValueError("use_kl_loss needs ref_logp_BT")
+        kl = aggregate(kl_penalty(logp_BT, ref_logp_BT, config.kl_kind), mask_BT, config.agg,
+                       norm=norm)
+        total = total + config.kl_coef * kl
+    else:
+        kl = jnp.zeros((), jnp.float32)
+    return total, dict(metrics, pg_loss=pg_loss, entropy=entropy, kl=kl)

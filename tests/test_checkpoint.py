@@ -1,0 +1,244 @@
+"""Checkpoint store: exact round trips, sharded restore, retention, errors, crash safety."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxzero.checkpoint import CheckpointStore
+from jaxzero.errors import CheckpointError
+
+
+def mesh():
+    return jax.make_mesh((8,), ("fsdp",))
+
+
+def replicated_abstract(tree):
+    rep = NamedSharding(mesh(), P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+
+
+def sample_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {
+        "embed": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16),
+        # int keys, as nnx's pure-dict state has for layer lists
+        "layers": {0: {"q": jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32)},
+                   1: {"q": jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32)}},
+    }
+    opt_state = optax.adamw(1e-3).init(params)
+    return {"params": params, "opt_state": opt_state,
+            "rng": jnp.asarray(jax.random.key_data(jax.random.key(seed)), jnp.uint32),
+            "count": jnp.asarray(7 + seed, jnp.int32)}
+
+
+META = {"step": 3, "data_state": {"epoch": 1, "order": [3, 1, 2]},
+        "config": {"grpo": {"clip_c": None, "loss_agg": "token-mean"}},
+        "model_config": {"hidden_size": 8, "tie_word_embeddings": True}}
+
+
+def assert_trees_equal(a, b):
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    arrays = sample_arrays()
+    store = CheckpointStore(tmp_path / "ckpt")
+    assert store.latest_step() is None and store.all_steps() == []
+    assert store.save(3, arrays, META)
+    store.wait()
+    restored, meta = store.restore(abstract_arrays=replicated_abstract(arrays))
+    assert_trees_equal(restored, arrays)
+    assert meta == META
+    # optax's NamedTuple states come back as the same types, not as dicts.
+    assert jax.tree.structure(restored) == jax.tree.structure(arrays)
+    store.close()
+    # A fresh store (a resumed run) sees the step and reads the JSON alone.
+    again = CheckpointStore(tmp_path / "ckpt")
+    assert again.latest_step() == 3
+    assert again.restore_meta() == META
+
+
+def test_restore_onto_sharded_target(tmp_path):
+    fsdp = NamedSharding(mesh(), P("fsdp"))
+    rep = NamedSharding(mesh(), P())
+    pick = lambda x: fsdp if x.ndim and x.shape[0] % 8 == 0 else rep
+    host = sample_arrays()
+    sharded = jax.tree.map(lambda x: jax.device_put(x, pick(x)), host)
+    store = CheckpointStore(tmp_path)
+    store.save(1, sharded, META)
+    store.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=pick(x)),
+                            host)
+    restored, _ = store.restore(1, abstract_arrays=abstract)
+    q = restored["params"]["layers"][0]["q"]
+    assert q.sharding == fsdp
+    assert [s.data.shape for s in q.addressable_shards] == [(1, 4, 2)] * 8
+    assert restored["count"].sharding == rep
+    assert_trees_equal(restored, host)
+    # Saved sharded, restored replicated: the target sharding decides, not the saved one.
+    restored, _ = store.restore(1, abstract_arrays=replicated_abstract(host))
+    assert restored["params"]["layers"][0]["q"].sharding == rep
+    assert_trees_equal(restored, host)
+
+
+def test_restore_only_some_items(tmp_path):
+    arrays = sample_arrays()
+    store = CheckpointStore(tmp_path)
+    store.save(1, arrays, META)
+    store.wait()
+    restored, meta = store.restore(abstract_arrays=replicated_abstract(
+        {"params": arrays["params"]}))
+    assert set(restored) == {"params"}
+    assert_trees_equal(restored["params"], arrays["params"])
+
+
+def test_keeps_last_k_and_skips_old_steps(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    small = {"x": jnp.arange(4, dtype=jnp.float32)}
+    for step in (1, 2, 3, 4):
+        assert store.save(step, jax.tree.map(lambda a: a + step, small), {"step": step})
+    store.wait()
+    assert store.all_steps() == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+    assert not store.save(4, small, {"step": 4})      # not after the latest: skipped
+    with pytest.raises(CheckpointError, match="already exists"):
+        store.save(4, small, {"step": 4}, force=True)
+    restored, meta = store.restore(3, abstract_arrays=replicated_abstract(small))
+    np.testing.assert_array_equal(restored["x"], np.arange(4) + 3)
+    assert meta == {"step": 3}
+
+
+def test_async_save_copies_before_returning(tmp_path):
+    arrays = sample_arrays(1)
+    expected = jax.tree.map(np.asarray, arrays)
+    store = CheckpointStore(tmp_path, async_save=True)
+    assert store.save(5, arrays, META)
+    for x in jax.tree.leaves(arrays):   # as the next train step's donation does
+        x.delete()
+    store.wait()
+    restored, _ = store.restore(abstract_arrays=replicated_abstract(expected))
+    assert_trees_equal(restored, expected)
+    store.close()
+
+
+def test_error_messages(tmp_path):
+    empty = CheckpointStore(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path / 'nothing'}"):
+        empty.restore_meta()
+    assert not (tmp_path / "nothing").exists()   # reading does not create the directory
+
+    arrays = {"params": {"layers": {"0": {"attn": {"q": jnp.zeros((64, 4, 16))}}},
+                         "norm": jnp.ones(4)}}
+    store = CheckpointStore(tmp_path / "run")
+    store.save(2, arrays, {"step": 2})
+    store.save(4, arrays, {"step": 4})
+    store.wait()
+    with pytest.raises(CheckpointError, match="no checkpoint for step 3 .*it has steps 2, 4"):
+        store.restore_meta(3)
+
+    wrong_shape = {"params": {"layers": {"0": {"attn": {"q": jnp.zeros((64, 8, 16))}}},
+                              "norm": jnp.ones(4)}}
+    with pytest.raises(CheckpointError, match=r"checkpoint has params\.layers\.0\.attn\.q with "
+                                              r"shape \(64, 4, 16\); this model expects "
+                                              r"\(64, 8, 16\)"):
+        store.restore(abstract_arrays=replicated_abstract(wrong_shape))
+
+    renamed = {"params": {"layers": {"0": {"attn": {"q": jnp.zeros((64, 4, 16))}}},
+                          "final_norm": jnp.ones(4)}}
+    with pytest.raises(CheckpointError) as info:
+        store.restore(abstract_arrays=replicated_abstract(renamed))
+    assert "this model expects params.final_norm, which the checkpoint lacks" in str(info.value)
+    assert "checkpoint has params.norm, which this model does not expect" in str(info.value)
+
+    with pytest.raises(CheckpointError, match="has no opt_state"):
+        store.restore(abstract_arrays=replicated_abstract(
+            {"params": arrays["params"], "opt_state": {"mu": jnp.ones(4)}}))
+
+    as_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), arrays)
+    with pytest.raises(CheckpointError, match="as float32; this model expects bfloat16"):
+        store.restore(abstract_arrays=replicated_abstract(as_bf16))
+    restored, _ = store.restore(abstract_arrays=replicated_abstract(as_bf16), cast=True)
+    assert restored["params"]["norm"].dtype == jnp.bfloat16
+
+    with pytest.raises(TypeError, match="ShapeDtypeStruct with a sharding"):
+        store.restore(abstract_arrays=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays))
+    with pytest.raises(TypeError, match="JSON"):
+        store.save(6, arrays, {"order": (1, 2)})
+
+
+CRASHING_SAVER = textwrap.dedent("""
+    import sys, time
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from jaxzero.checkpoint import CheckpointStore
+
+    directory, method, target = sys.argv[1:]
+    store = CheckpointStore(directory)
+    store.save(1, {"w": jnp.full((256, 256), 1.0)}, {"step": 1})
+    store.wait()
+
+    cls = atomicity.AtomicRenameTemporaryPath
+    original = getattr(cls, method)
+
+    async def hang_at_target(self, *args, **kwargs):
+        hang = self.get_final().name == target
+        if hang and method == "finalize":   # written, not yet renamed
+            print("hanging", flush=True)
+            time.sleep(120)
+        result = await original(self, *args, **kwargs)
+        if hang:                            # directory created, nothing written
+            print("hanging", flush=True)
+            time.sleep(120)
+        return result
+
+    setattr(cls, method, hang_at_target)
+    store.save(2, {"w": jnp.full((256, 256), 2.0)}, {"step": 2})
+    print("save returned", flush=True)
+""")
+
+
+# Killed after creating the step's temporary directory, after writing and committing the
+# array item inside it, and just before the step directory's own commit rename.
+@pytest.mark.parametrize("method,target", [("create", "2"), ("finalize", "arrays"),
+                                           ("finalize", "2")])
+def test_killed_save_leaves_previous_checkpoint(tmp_path, method, target):
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_SAVER, str(tmp_path), method,
+                             target], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=dict(os.environ))
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "hanging", line
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    leftovers = sorted(n for n in os.listdir(tmp_path) if n != "1")
+    assert leftovers == ["2.orbax-checkpoint-tmp"]
+
+    store = CheckpointStore(tmp_path)
+    assert store.all_steps() == [1] and store.latest_step() == 1
+    abstract = replicated_abstract({"w": jnp.zeros((256, 256))})
+    restored, meta = store.restore(abstract_arrays=abstract)
+    assert meta == {"step": 1} and float(restored["w"][0, 0]) == 1.0
+    with pytest.raises(CheckpointError, match="it has steps 1"):
+        store.restore(2, abstract_arrays=abstract)
+    # The rerun of step 2 replaces the stale temporary directory.
+    assert store.save(2, {"w": jnp.full((256, 256), 3.0)}, {"step": 2})
+    store.wait()
+    restored, meta = store.restore(abstract_arrays=abstract)
+    assert meta == {"step": 2} and float(restored["w"][0, 0]) == 3.0
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
