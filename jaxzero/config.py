@@ -266,11 +266,13 @@ class TrainerConfig(_Section):
 class DemoConfig(_Section):
     section: ClassVar[str] = "demo"
     warmup_steps: int = 0     # supervised answer-format warm-up of the demo model; 0 when real
-    warmup_lr: float = 1e-3
+    warmup_lr: float = 1e-2
+    warmup_batch: int = 16    # sequences per warm-up step
 
     def _validate(self) -> None:
         self._at_least(0, "warmup_steps")
         self._positive("warmup_lr")
+        self._at_least(1, "warmup_batch")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""The built-in demo's devices: a tiny Qwen2 model made on the fly and a format warm-up.
+
+A random tiny model never writes `<answer>` by chance, so the demo first teaches it the
+output format by a short supervised warm-up whose answers are diagnoses drawn at random
+(never the case's own). After it the model writes well-formed answers that are right about
+one time in eight; GRPO then has to learn which findings point to which disease. Real runs
+(the shipped Qwen2.5 configs) have no warm-up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxzero.model_config import Qwen2Config
+from jaxzero.sharding import batch_sharding
+from jaxzero.train_step import completion_logprobs
+
+WARMUP_THINK = "The findings point to one rare disease."
+
+
+def demo_model_config(*, vocab_size: int, layers: int, hidden: int, heads: int, kv_heads: int,
+                      intermediate: int) -> Qwen2Config:
+    """A tiny Qwen2-architecture model over the real Qwen2.5 vocabulary."""
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, rope_theta=1_000_000.0,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       bos_token_id=151643, eos_token_id=151645)
+
+
+def warmup_target(diagnosis: str) -> str:
+    return f"<think>\n{WARMUP_THINK}\n</think>\n<answer> {diagnosis} </answer>"
+
+
+def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], prompt_len: int,
+                 response_len: int, pad_id: int):
+    """Left-padded prompts followed by right-padded targets: tokens, valid and target mask."""
+    b = len(prompt_ids)
+    tokens = np.full((b, prompt_len + response_len), pad_id, np.int32)
+    valid = np.zeros(tokens.shape, bool)
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
+        p, t = p[-prompt_len:], t[:response_len]
+        tokens[i, prompt_len - len(p): prompt_len] = p
+        valid[i, prompt_len - len(p): prompt_len] = True
+        tokens[i, prompt_len: prompt_len + len(t)] = t
+        valid[i, prompt_len: prompt_len + len(t)] = True
+    return tokens, valid, valid[:, prompt_len:].astype(np.float32)
+
+
+def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: list[str],
+                      steps: int, lr: float, batch_size: int, prompt_len: int,
+                      response_len: int, seed: int, log=print):
+    """Supervised format warm-up (a demo device): returns the new params and the final loss."""
+    if steps <= 0:
+        return params, float("nan")
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(params)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rng = np.random.default_rng(seed)
+
+    def loss_fn(p, tokens, valid, mask):
+        logp, _ = completion_logprobs(nnx.merge(graphdef, p), tokens, valid, response_len)
+        return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    @jax.jit
+    def sft_step(p, o, tokens, valid, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(p, tokens, valid, mask)
+        updates, o = optimizer.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    rows = batch_sharding(mesh, 2)
+    loss = jnp.nan
+    for step in range(steps):
+        picks = rng.choice(len(records), batch_size, replace=len(records) < batch_size)
+        prompts = [records[i]["prompt_token_ids"] for i in picks]
+        targets = [tokenizer.encode(warmup_target(diagnoses[rng.integers(len(diagnoses))]),
+                                    add_special_tokens=False) + [eos] for _ in picks]
+        tokens, valid, mask = warmup_batch(prompts, targets, prompt_len, response_len, pad)
+        params, opt_state, loss = sft_step(params, opt_state, jax.device_put(tokens, rows),
+                                           jax.device_put(valid, rows), jax.device_put(mask, rows))
+        if step % 10 == 0 or step == steps - 1:
+            log(f"demo format warm-up {step + 1}/{steps}: loss {float(loss):.3f}")
+    return params, float(loss)

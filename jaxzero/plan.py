@@ -1,0 +1,154 @@
+"""Memory planner: per-device memory of a run, from ahead-of-time compilation on abstract inputs.
+
+Nothing is allocated: the model, optimizer state and batch are `jax.ShapeDtypeStruct`s with
+their shardings, and the train step and the sampler's decode step are lowered and compiled
+for the mesh. Parameter, optimizer, reference and KV-cache sizes are computed from shapes and
+shardings; the train step's and sampler's temporaries (activations, gradients, logits) come
+from XLA's compiled memory analysis of the per-device program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxzero import grpo
+from jaxzero.model import KVCache, ModelOptions, abstract_model
+from jaxzero.model_config import Qwen2Config
+from jaxzero.sharding import batch_sharding, bytes_per_device, param_shardings
+from jaxzero.train_step import TrainBatch, build_step_functions, make_optimizer
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInputs:
+    """The run sizes that decide memory."""
+
+    prompts_per_step: int
+    n: int
+    prompt_len: int
+    response_len: int
+    micro_batches: int
+    param_dtype: str
+    compute_dtype: str
+    ref_dtype: str
+    remat: bool
+    use_kl: bool
+    rollout_micro_batch: int | None = None  # sequences per sampler call (None: whole batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    devices: int
+    mesh: dict[str, int]
+    params: int             # computed
+    opt_state: int          # computed
+    reference: int          # computed
+    kv_cache: int           # computed
+    train_temp: int         # XLA memory analysis of the update
+    train_peak: int         # arguments + outputs - aliased + temporaries of the update (XLA)
+    sampler_temp: int       # XLA memory analysis of one decode step
+    total_train_phase: int
+    total_rollout_phase: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.total_train_phase, self.total_rollout_phase)
+
+
+def _sds(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh) -> PlanReport:
+    options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
+                           compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat)
+    graphdef, abstract = abstract_model(config, options)
+    optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                               grad_clip=1.0)
+    loss_config = grpo.LossConfig(use_kl_loss=inputs.use_kl)
+    fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
+                               response_len=inputs.response_len,
+                               micro_batches=inputs.micro_batches)
+    params = _sds(abstract, fns.param_shardings)
+    opt = _sds(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    b, length = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
+    rows = batch_sharding(mesh, 2)
+    f32 = jnp.float32
+    batch = TrainBatch(
+        jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=rows),
+        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows),
+        jax.ShapeDtypeStruct((b,), f32, sharding=batch_sharding(mesh, 1)),
+        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows),
+        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows))
+    stats = fns.update.lower(params, opt, batch).compile().memory_analysis()
+    train_temp = int(stats.temp_size_in_bytes)
+    train_peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                     - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+    p_bytes = bytes_per_device(abstract, fns.param_shardings)
+    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
+    ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
+
+    # Rollouts: one decode step over the whole (or micro-) batch with its KV cache.
+    roll_b = inputs.rollout_micro_batch or b
+    slots = length
+    cache = KVCache.empty(config, roll_b, slots, options.compute_dtype)
+    cache_abs = jax.eval_shape(lambda: cache)
+    cache_shard = KVCache(*(NamedSharding(mesh, jax.sharding.PartitionSpec(
+        None, ("data", "fsdp"))) for _ in range(2)), batch_sharding(mesh, 2),
+        NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    kv_bytes = bytes_per_device(cache_abs, cache_shard)
+
+    def decode_step(p, tokens_B1, valid_B1, c):
+        from flax import nnx
+        logits, c = nnx.merge(graphdef, p)(tokens_B1, valid_B1, cache=c)
+        return jnp.argmax(logits[:, -1], -1), c
+
+    dec = jax.jit(decode_step, donate_argnums=(3,)).lower(
+        params, jax.ShapeDtypeStruct((roll_b, 1), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((roll_b, 1), jnp.bool_, sharding=rows),
+        _sds(cache_abs, cache_shard)).compile().memory_analysis()
+    sampler_temp = int(dec.temp_size_in_bytes)
+    return PlanReport(
+        devices=mesh.size, mesh=dict(mesh.shape), params=p_bytes, opt_state=o_bytes,
+        reference=ref_bytes, kv_cache=kv_bytes, train_temp=train_temp, train_peak=train_peak,
+        sampler_temp=sampler_temp,
+        total_train_phase=train_peak + ref_bytes,
+        total_rollout_phase=p_bytes + o_bytes + ref_bytes + kv_bytes + sampler_temp)
+
+
+def format_report(name: str, report: PlanReport, inputs: PlanInputs,
+                  device_memory_gib: float | None = None) -> str:
+    g = lambda x: f"{x / GiB:8.2f} GiB"
+    lines = [
+        f"memory plan for {name}: {report.devices} devices, mesh {report.mesh}",
+        f"  batch {inputs.prompts_per_step} prompts x {inputs.n} rollouts, prompt "
+        f"{inputs.prompt_len} + response {inputs.response_len} tokens, "
+        f"{inputs.micro_batches} micro-batches, remat {'block' if inputs.remat else 'none'}, "
+        f"params {inputs.param_dtype}, compute {inputs.compute_dtype}",
+        "  per device                          source",
+        f"  parameters              {g(report.params)}   computed from shapes and shardings",
+        f"  optimizer state (Adam)  {g(report.opt_state)}   computed",
+        f"  reference model         {g(report.reference)}   computed ({inputs.ref_dtype})",
+        f"  KV cache (rollouts)     {g(report.kv_cache)}   computed",
+        f"  train step temporaries  {g(report.train_temp)}   XLA memory analysis "
+        "(activations, gradients, logits)",
+        f"  sampler step temporaries{g(report.sampler_temp)}   XLA memory analysis",
+        f"  train phase peak        {g(report.total_train_phase)}   XLA args+outputs-aliased"
+        "+temps, plus reference",
+        f"  rollout phase peak      {g(report.total_rollout_phase)}   computed + XLA temps",
+        f"  peak                    {g(report.peak)}",
+    ]
+    if device_memory_gib:
+        fits = report.peak / GiB <= device_memory_gib
+        lines.append(f"  fits in {device_memory_gib:g} GiB per device: {'yes' if fits else 'NO'}")
+    return "\n".join(lines)

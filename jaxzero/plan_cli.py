@@ -1,0 +1,52 @@
+"""`jaxzero plan CONFIG`: the memory planner's command line."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxzero.config import load_config
+from jaxzero.errors import ConfigError
+from jaxzero.plan import PlanInputs, format_report, plan_memory
+from jaxzero.sharding import make_mesh
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=8,tensor=1' -> {'data': 1, 'fsdp': 8, 'tensor': 1}."""
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--mesh {text!r}: expected e.g. data=1,fsdp=8,tensor=1")
+        out[name.strip()] = int(value)
+    return out
+
+
+def run_plan_cli(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    mesh_sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    if args.mesh:
+        mesh_sizes.update(parse_mesh(args.mesh))
+    mesh = make_mesh(**mesh_sizes)
+    if cfg.model.demo:
+        from jaxzero.demo import demo_model_config
+        m = cfg.model
+        model_config = demo_model_config(vocab_size=151936, layers=m.demo_layers,
+                                         hidden=m.demo_hidden, heads=m.demo_heads,
+                                         kv_heads=m.demo_kv_heads,
+                                         intermediate=m.demo_intermediate)
+    else:
+        from jaxzero.model_config import resolve_model_config
+        model_config = resolve_model_config(cfg.model.path)
+    inputs = PlanInputs(
+        prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
+        prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
+        micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.param_dtype,
+        remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
+        rollout_micro_batch=cfg.rollout.micro_batch)
+    report = plan_memory(model_config, inputs, mesh)
+    print(format_report(cfg.model.path or "demo model", report, inputs,
+                        args.device_memory_gib))
+    print(f"  ({jax.device_count()} {jax.devices()[0].platform} devices seen; on CPU the "
+          "temporaries are XLA:CPU's, which fuses differently from GPU/TPU, so treat them "
+          "as an estimate)")

@@ -1,0 +1,327 @@
+"""Builds a run's pieces from its config: run directory, data, model, mesh, jitted steps,
+sampler, checkpoints and logs. The trainer loop only uses what this hands it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxzero import config as config_lib
+from jaxzero import distributed, grpo
+from jaxzero.checkpoint import CheckpointStore
+from jaxzero.data_pipeline import PromptLoader
+from jaxzero.errors import CheckpointError, ConfigError
+from jaxzero.metrics import MetricsWriter
+from jaxzero.model import ModelOptions, abstract_model, init_model
+from jaxzero.model_config import Qwen2Config
+from jaxzero.rollout import RewardWorker
+from jaxzero.sampler import Sampler
+from jaxzero.sharding import batch_sharding, make_mesh, param_shardings, put_global
+from jaxzero.train_step import (build_step_functions, init_opt_state, lr_schedule,
+                                make_optimizer)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; mutable only in params, opt_state and loader."""
+
+    cfg: Any
+    run_dir: Path
+    tokenizer: Any
+    model_config: Qwen2Config
+    mesh: Any
+    graphdef: Any
+    fns: Any
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    sampler: Sampler
+    loader: PromptLoader
+    test_records: list[dict]
+    writer: MetricsWriter
+    store: CheckpointStore
+    reward_worker: RewardWorker
+    reward_kwargs: dict
+    base_key: jax.Array
+    start_step: int
+    total_steps: int
+    lr_at: Callable[[int], float]
+    last_texts: tuple = ()
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.run_dir / "tb"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def to_rows(self, host: np.ndarray, ndim: int = 2):
+        """A batch-leading host array onto the (data, fsdp) axes."""
+        return put_global(host, batch_sharding(self.mesh, ndim))
+
+    def sample(self, params, prompts, **kwargs):
+        return self.sampler.generate(params, prompts, **kwargs)
+
+    def greedy(self, params, prompts):
+        return self.sampler.generate(params, prompts, key=jax.random.key(0), n=1,
+                                     temperature=0.0, top_p=1.0, top_k=0)
+
+    def last_good_checkpoint(self) -> str:
+        step = self.store.latest_step()
+        return f"{self.ckpt_dir}/{step}" if step is not None else "(none saved yet)"
+
+    def export_hf(self, out_dir: str, log=print) -> None:
+        from jaxzero.hf_io import export_hf
+        export_hf(self.params, self.model_config, out_dir,
+                  dtype=self.cfg.model.param_dtype, tokenizer_src=self.run_dir / "tokenizer")
+        if distributed.is_main_process():
+            log(f"exported HF model to {out_dir}")
+
+    def close(self) -> None:
+        self.store.wait()
+        self.store.close()
+        self.reward_worker.close()
+        self.writer.close()
+
+
+def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if overwrite:
+            if distributed.is_main_process():
+                shutil.rmtree(run_dir)
+        else:
+            diff = config_lib.diff_configs(config_lib.load_config(saved), cfg)
+            if diff:
+                raise ConfigError(
+                    f"{run_dir} holds a run with a different config (differs in: "
+                    f"{', '.join(diff[:8])}); pass --overwrite to start afresh there, or "
+                    "choose another trainer.run_dir")
+    elif resume:
+        raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.save_config(cfg, saved)
+
+
+def _load_data(cfg, run_dir: Path, tokenizer):
+    from jaxzero.rarearena import prepare_data, read_prepared
+    train_file, test_file = cfg.data.train_file, cfg.data.test_file
+    if train_file is None:  # the demo (config validation guarantees it)
+        from jaxzero.demo_data import demo_cases_path
+        out = run_dir / "data"
+        if distributed.is_main_process() and not (out / "train.jsonl").exists():
+            prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
+                         max_prompt_length=cfg.data.max_prompt_length)
+        _sync("demo data")
+        train_file, test_file = out / "train.jsonl", out / "test.jsonl"
+    train = _with_token_ids(read_prepared(train_file), tokenizer, cfg.data.max_prompt_length)
+    test = _with_token_ids(read_prepared(test_file), tokenizer, cfg.data.max_prompt_length) \
+        if test_file else []
+    return train, test
+
+
+def _with_token_ids(records, tokenizer, max_len):
+    """Prepared files made without a tokenizer are tokenized here (chat template applied)."""
+    for r in records:
+        if not r.get("prompt_token_ids"):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                 add_generation_prompt=True, tokenize=False)
+            r["prompt_token_ids"] = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+    return records
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _model_and_tokenizer(cfg, run_dir: Path):
+    """(model config, tokenizer, host-or-device initial params or None, reference source)."""
+    from jaxzero.tokenizer import demo_tokenizer_dir, load_tokenizer
+    tok_dir = run_dir / "tokenizer"
+    if cfg.model.demo:
+        src = demo_tokenizer_dir()
+    else:
+        src = cfg.model.tokenizer or cfg.model.path
+    tokenizer = load_tokenizer(src)
+    if distributed.is_main_process() and not tok_dir.exists():
+        tokenizer.save_pretrained(tok_dir)
+    if cfg.model.demo:
+        from jaxzero.demo import demo_model_config
+        m = cfg.model
+        model_config = demo_model_config(vocab_size=151936, layers=m.demo_layers,
+                                         hidden=m.demo_hidden, heads=m.demo_heads,
+                                         kv_heads=m.demo_kv_heads,
+                                         intermediate=m.demo_intermediate)
+    else:
+        from jaxzero.model_config import resolve_model_config
+        model_config = resolve_model_config(cfg.model.path)
+    return model_config, tokenizer
+
+
+def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
+    run_dir = Path(cfg.trainer.run_dir)
+    _prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
+    _sync("run dir")
+    model_config, tokenizer = _model_and_tokenizer(cfg, run_dir)
+    if distributed.is_main_process():
+        (run_dir / "model_config.json").write_text(
+            __import__("json").dumps(dict(model_config.to_dict(),
+                                          param_dtype=cfg.model.param_dtype), indent=1))
+    train_records, test_records = _load_data(cfg, run_dir, tokenizer)
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
+                           compute_dtype=jnp.dtype(cfg.model.compute_dtype),
+                           remat=cfg.model.remat == "block")
+    graphdef, abstract = abstract_model(model_config, options)
+    loader = PromptLoader(train_records, batch_size=cfg.data.prompts_per_step,
+                          seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                          num_epochs=cfg.trainer.total_epochs,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    steps_per_epoch = loader.batches_per_epoch
+    total_steps = steps_per_epoch * cfg.trainer.total_epochs
+    if cfg.trainer.max_steps is not None:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    o = cfg.optim
+    schedule = lr_schedule(o.schedule, o.lr, o.warmup_steps, total_steps)
+    optimizer = make_optimizer(lr=schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                               eps=o.eps, grad_clip=o.grad_clip)
+    g = cfg.grpo
+    loss_config = grpo.LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c,
+                                  agg=g.loss_agg, entropy_coeff=g.entropy_coeff,
+                                  use_kl_loss=g.use_kl_loss, kl_coef=g.kl_coef,
+                                  kl_kind=g.kl_kind)
+    fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
+                               response_len=cfg.rollout.max_new_tokens,
+                               micro_batches=g.micro_batches)
+    store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+    ref_store = CheckpointStore(run_dir / "reference", keep=1)
+    latest = store.latest_step()
+    if resume and latest is None:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+
+    abstract_opt = jax.eval_shape(optimizer.init, abstract)
+    abstract_arrays = {
+        "params": _abstract_on(abstract, fns.param_shardings),
+        "opt_state": _abstract_on(abstract_opt, fns.opt_shardings),
+    }
+    base_key = jax.random.key(cfg.trainer.seed)
+    if latest is not None:
+        arrays, meta = store.restore(latest, abstract_arrays=abstract_arrays)
+        _check_model_config(meta, model_config, store.directory)
+        params, opt_state = arrays["params"], arrays["opt_state"]
+        loader.set_state(meta["data_state"])
+        start_step = int(meta["step"])
+        log(f"resuming from {store.directory}/{latest} (step {start_step})")
+    else:
+        params = _initial_params(cfg, model_config, options, abstract, fns.param_shardings,
+                                 log)
+        if cfg.model.demo and cfg.demo.warmup_steps:
+            from jaxzero.demo import run_format_warmup
+            diagnoses = sorted({r["labels"][-1] for r in train_records})  # Orphanet names
+            params, _ = run_format_warmup(
+                graphdef, params, mesh, records=train_records, tokenizer=tokenizer,
+                diagnoses=diagnoses, steps=cfg.demo.warmup_steps, lr=cfg.demo.warmup_lr,
+                batch_size=cfg.demo.warmup_batch,
+                prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
+                seed=cfg.trainer.seed, log=log)
+        opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
+        start_step = 0
+    ref_params = None
+    if cfg.grpo.use_kl_loss:
+        ref_params = _reference(cfg, params if latest is None else None, ref_store,
+                                abstract_arrays["params"], model_config, options, log)
+    sampler = Sampler(graphdef, model_config, mesh=mesh,
+                      max_new_tokens=cfg.rollout.max_new_tokens,
+                      buckets=tuple(cfg.data.prompt_buckets),
+                      stop_ids=tuple(_stop_ids(tokenizer)),
+                      pad_id=_pad_id(tokenizer))
+    r = cfg.reward
+    reward_kwargs = dict(mode=r.mode, format_score=r.format_score, score=r.score,
+                         threshold=r.threshold, matcher=r.matcher)
+    writer = MetricsWriter(run_dir / "tb")
+    if start_step == 0:
+        writer.hparams(config_lib.flatten(cfg))
+    return Run(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model_config=model_config,
+               mesh=mesh, graphdef=graphdef, fns=fns, params=params, opt_state=opt_state,
+               ref_params=ref_params, sampler=sampler, loader=loader,
+               test_records=test_records, writer=writer, store=store,
+               reward_worker=RewardWorker(tokenizer, reward_kwargs),
+               reward_kwargs=reward_kwargs, base_key=base_key, start_step=start_step,
+               total_steps=total_steps, lr_at=lambda s: float(schedule(s)))
+
+
+def save_checkpoint(run: Run, step: int, *, log=print, force: bool = False) -> None:
+    meta = {"step": step, "data_state": run.loader.get_state(),
+            "config": config_lib.config_to_dict(run.cfg),
+            "model_config": run.model_config.to_dict()}
+    saved = run.store.save(step, {"params": run.params, "opt_state": run.opt_state}, meta,
+                           force=force)
+    if saved and distributed.is_main_process():
+        log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}")
+
+
+def _abstract_on(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _check_model_config(meta: dict, model_config: Qwen2Config, where) -> None:
+    found = meta.get("model_config")
+    if found and Qwen2Config.from_dict(found) != model_config:
+        diff = {k: (found[k], v) for k, v in model_config.to_dict().items() if found.get(k) != v}
+        raise CheckpointError(f"{where}: checkpoint is of another architecture: "
+                              + ", ".join(f"{k}: checkpoint {a}, config {b}"
+                                          for k, (a, b) in diff.items()))
+
+
+def _initial_params(cfg, model_config, options, abstract, shardings, log):
+    if cfg.model.demo:
+        _, host = nnx.split(init_model(model_config, options, seed=cfg.trainer.seed))
+        return put_global(jax.tree.map(np.asarray, host), shardings)
+    from jaxzero.model_store import load_params
+    log(f"loading {cfg.model.path}")
+    _, params = load_params(cfg.model.path, param_dtype=cfg.model.param_dtype,
+                            shardings=shardings)
+    return params
+
+
+def _reference(cfg, initial_params, ref_store, abstract_params, model_config, options, log):
+    """The frozen reference policy: a copy of the initial parameters.
+
+    Real models reload it from model.path on resume; the demo's initial model exists only in
+    this run, so it is saved under run_dir/reference.
+    """
+    if initial_params is not None:
+        ref = jax.tree.map(jnp.copy, initial_params)  # params get donated; the copy must not
+        if cfg.model.demo:
+            ref_store.save(0, {"params": ref}, {"model_config": model_config.to_dict()},
+                           force=True)
+            ref_store.wait()
+        return ref
+    if cfg.model.demo:
+        arrays, _ = ref_store.restore(0, abstract_arrays={"params": abstract_params})
+        return arrays["params"]
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    return _initial_params(cfg, model_config, options, abstract_params, shardings, log)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    from jaxzero.tokenizer import stop_token_ids
+    return stop_token_ids(tokenizer)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs `jaxzero train` on every worker of a Cloud TPU pod slice.
+#
+# JAX's multi-controller runtime discovers the pod itself (jax.distributed.initialize()
+# auto-detects TPU workers), so every worker runs the same command.
+#
+# Environment:
+#   TPU_NAME      name of the TPU VM (required)
+#   ZONE          its zone (required)
+#   PROJECT       GCP project (optional; gcloud's default otherwise)
+#   CONFIG        config file, default configs/qwen2.5-7b.yaml
+#   REPO_DIR      where jaxzero is checked out on the workers, default ~/jaxzero
+#   RUN_DIR       run directory; must be shared storage (a GCS fuse mount or NFS) so that
+#                 every worker sees the same checkpoints, e.g. /mnt/gcs/runs/qwen7b
+#   EXTRA_ARGS    further dotted overrides, e.g. "rollout.n=8 optim.lr=1e-6"
+#   SETUP=1       first install jaxzero with TPU jax on every worker
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+CONFIG=${CONFIG:-configs/qwen2.5-7b.yaml}
+REPO_DIR=${REPO_DIR:-~/jaxzero}
+RUN_DIR=${RUN_DIR:?set RUN_DIR to shared storage visible from every worker}
+PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
+
+ssh_all() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all \
+    --command="$1"
+}
+
+if [[ "${SETUP:-0}" == 1 ]]; then
+  ssh_all "cd $REPO_DIR && python3 -m venv .venv && . .venv/bin/activate && \
+    pip install -U 'jax[tpu]' && pip install -e ."
+fi
+
+ssh_all "cd $REPO_DIR && . .venv/bin/activate && \
+  JAXZERO_DISTRIBUTED=1 jaxzero train $CONFIG trainer.run_dir=$RUN_DIR ${EXTRA_ARGS:-} \
+  2>&1 | tee -a /tmp/jaxzero-train.log"
