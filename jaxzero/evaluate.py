@@ -58,3 +58,82 @@ def evaluate_records(generate_fn, params, records: list[dict], tokenizer, *,
     metrics.update(summarize([analyze_response(t) for t in texts]))
     prompts = [r.get("prompt", "") for r in records]
     return EvalResult(prompts, texts, [float(s) for s in scores], labels, lengths, metrics)
+
+
+def _checkpoints(path: str) -> list[tuple[str, int | None]]:
+    """A run or converted dir expands to each of its checkpoint steps; anything else is one."""
+    from pathlib import Path
+    from jaxzero.checkpoint import CheckpointStore
+    ckpt = Path(path) / "checkpoints"
+    if ckpt.is_dir():
+        steps = CheckpointStore(ckpt).all_steps()
+        if steps:
+            return [(path, s) for s in steps]
+    return [(path, None)]
+
+
+def _judge(args, out_dir, reward_cfg):
+    from jaxzero.errors import JaxzeroError
+    from jaxzero.judge import JudgeCache, LocalJudge, OpenAIJudge, RuleJudge
+    cache = JudgeCache(out_dir / "judge_cache.jsonl")
+    if args.judge == "none":
+        return RuleJudge(reward_cfg.threshold, reward_cfg.matcher)
+    if not args.judge_model:
+        raise JaxzeroError(f"--judge {args.judge} needs --judge-model")
+    if args.judge == "openai":
+        if not args.judge_url:
+            raise JaxzeroError("--judge openai needs --judge-url (e.g. http://localhost:8000/v1)")
+        return OpenAIJudge(args.judge_url, args.judge_model,
+                           api_key_env=args.judge_api_key_env, cache=cache)
+    from jaxzero.generate import LoadedModel
+    judge_model = LoadedModel(args.judge_model, dtype=args.dtype)
+
+    def generate_fn(prompts: list[str]) -> list[str]:
+        ids = judge_model.encode(prompts, chat=True)
+        sampler = judge_model.sampler(512)
+        greedy = lambda p, chunk: sampler.generate(p, chunk, key=_key0(), n=1, temperature=0.0)
+        return generate_texts(greedy, judge_model.params, ids, judge_model.tokenizer,
+                              args.batch_size)[0]
+    return LocalJudge(generate_fn, f"local:{args.judge_model}", cache=cache)
+
+
+def _key0():
+    import jax
+    return jax.random.key(0)
+
+
+def run_eval_cli(args) -> None:
+    """`jaxzero eval`: generate greedily per checkpoint, score by rule and judge, report."""
+    from pathlib import Path
+    from jaxzero.config import RewardConfig
+    from jaxzero.eval_report import score_checkpoint, top5_prompt, write_report
+    from jaxzero.generate import LoadedModel
+    from jaxzero.hypernyms import load_hypernyms
+    from jaxzero.rarearena import read_prepared
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_prepared(args.data)[: args.limit] if args.limit else read_prepared(args.data)
+    reward_cfg = RewardConfig()
+    hypernyms = load_hypernyms(args.hypernyms) if args.hypernyms else None
+    judge = _judge(args, out_dir, reward_cfg)
+    rows = []
+    for path, step in [c for m in args.models for c in _checkpoints(m)]:
+        model = LoadedModel(path, dtype=args.dtype, step=step)
+        if args.top_k == 5:
+            ids = model.encode([top5_prompt(r["case_text"]) for r in records], chat=True)
+        else:
+            ids = [r.get("prompt_token_ids") or model.encode([r["prompt"]], chat=True)[0]
+                   for r in records]
+        sampler = model.sampler(args.max_new_tokens)
+        greedy = lambda p, chunk: sampler.generate(p, chunk, key=_key0(), n=1, temperature=0.0)
+        texts, lengths = generate_texts(greedy, model.params, ids, model.tokenizer,
+                                        args.batch_size)
+        name = f"{path}@{step}" if step is not None else str(path)
+        row, _ = score_checkpoint(name, records, texts, lengths, judge=judge,
+                                  hypernyms=hypernyms, reward_cfg=reward_cfg,
+                                  top_k=args.top_k, step=step)
+        rows.append(row)
+        print(f"{name}: {len(records)} cases scored")
+    md, js = write_report(out_dir, rows)
+    print(md.read_text())
+    print(f"wrote {md} and {js}")

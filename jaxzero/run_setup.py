@@ -92,6 +92,15 @@ class Run:
         self.writer.close()
 
 
+# Keys a resumed run may change: how long it runs and how it logs, evaluates and saves.
+# Everything else (model, data, optimiser, loss) must match the run being resumed.
+RESUMABLE_KEYS = frozenset({
+    "trainer.max_steps", "trainer.total_epochs", "trainer.eval_every", "trainer.save_every",
+    "trainer.keep_checkpoints", "trainer.log_every", "trainer.eval_examples_logged",
+    "trainer.export_hf", "data.eval_max_prompts",
+})
+
+
 def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     saved = run_dir / "config.yaml"
     if saved.exists():
@@ -99,7 +108,8 @@ def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> No
             if distributed.is_main_process():
                 shutil.rmtree(run_dir)
         else:
-            diff = config_lib.diff_configs(config_lib.load_config(saved), cfg)
+            diff = [k for k in config_lib.diff_configs(config_lib.load_config(saved), cfg)
+                    if k not in RESUMABLE_KEYS]
             if diff:
                 raise ConfigError(
                     f"{run_dir} holds a run with a different config (differs in: "
@@ -218,7 +228,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     }
     base_key = jax.random.key(cfg.trainer.seed)
     if latest is not None:
-        arrays, meta = store.restore(latest, abstract_arrays=abstract_arrays)
+        arrays, meta = _restore(store, latest, abstract_arrays)
         _check_model_config(meta, model_config, store.directory)
         params, opt_state = arrays["params"], arrays["opt_state"]
         loader.set_state(meta["data_state"])
@@ -266,10 +276,22 @@ def save_checkpoint(run: Run, step: int, *, log=print, force: bool = False) -> N
     meta = {"step": step, "data_state": run.loader.get_state(),
             "config": config_lib.config_to_dict(run.cfg),
             "model_config": run.model_config.to_dict()}
-    saved = run.store.save(step, {"params": run.params, "opt_state": run.opt_state}, meta,
-                           force=force)
+    saved = run.store.save(step, _pure({"params": run.params, "opt_state": run.opt_state}),
+                           meta, force=force)
     if saved and distributed.is_main_process():
         log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}")
+
+
+def _pure(tree):
+    """nnx.State subtrees as plain nested dicts: the on-disk layout shared with model_store."""
+    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def _restore(store: CheckpointStore, step, abstract_tree):
+    """Restores a tree saved through `_pure` back into `abstract_tree`'s structure."""
+    arrays, meta = store.restore(step, abstract_arrays=_pure(abstract_tree))
+    return jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays)), meta
 
 
 def _abstract_on(tree, shardings):
@@ -306,12 +328,12 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
     if initial_params is not None:
         ref = jax.tree.map(jnp.copy, initial_params)  # params get donated; the copy must not
         if cfg.model.demo:
-            ref_store.save(0, {"params": ref}, {"model_config": model_config.to_dict()},
+            ref_store.save(0, _pure({"params": ref}), {"model_config": model_config.to_dict()},
                            force=True)
             ref_store.wait()
         return ref
     if cfg.model.demo:
-        arrays, _ = ref_store.restore(0, abstract_arrays={"params": abstract_params})
+        arrays, _ = _restore(ref_store, 0, {"params": abstract_params})
         return arrays["params"]
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     return _initial_params(cfg, model_config, options, abstract_params, shardings, log)
