@@ -268,11 +268,15 @@ class DemoConfig(_Section):
     warmup_steps: int = 0     # supervised answer-format warm-up of the demo model; 0 when real
     warmup_lr: float = 1e-2
     warmup_batch: int = 16    # sequences per warm-up step
+    warmup_correct_fraction: float = 0.5  # warm-up answers that are the case's own disease
 
     def _validate(self) -> None:
         self._at_least(0, "warmup_steps")
         self._positive("warmup_lr")
         self._at_least(1, "warmup_batch")
+        if not 0.0 <= self.warmup_correct_fraction <= 1.0:
+            raise ConfigError(f"demo.warmup_correct_fraction={self.warmup_correct_fraction}: "
+                              "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The built-in demo's devices: a tiny Qwen2 model made on the fly and a format warm-up.
 
 A random tiny model never writes `<answer>` by chance, so the demo first teaches it the
-output format by a short supervised warm-up whose answers are diagnoses drawn at random
-(never the case's own). After it the model writes well-formed answers that are right about
-one time in eight; GRPO then has to learn which findings point to which disease. Real runs
-(the shipped Qwen2.5 configs) have no warm-up.
+output format by a short supervised warm-up. Its answers are the case's own Orphanet name
+only `correct_fraction` of the time and a random one of the demo's diagnoses otherwise, so
+the warm-up alone can teach at most that weak a preference; whatever accuracy the policy
+gains beyond it during GRPO is the reward's doing. Real runs (the shipped Qwen2.5 configs)
+have no warm-up.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], promp
 
 
 def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: list[str],
-                      steps: int, lr: float, batch_size: int, prompt_len: int,
+                      steps: int, lr: float, batch_size: int, correct_fraction: float,
+                      prompt_len: int,
                       response_len: int, seed: int, log=print):
     """Supervised format warm-up (a demo device): returns the new params and the final loss."""
     if steps <= 0:
@@ -78,8 +80,10 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     for step in range(steps):
         picks = rng.choice(len(records), batch_size, replace=len(records) < batch_size)
         prompts = [records[i]["prompt_token_ids"] for i in picks]
-        targets = [tokenizer.encode(warmup_target(diagnoses[rng.integers(len(diagnoses))]),
-                                    add_special_tokens=False) + [eos] for _ in picks]
+        answers = [records[i]["labels"][-1] if rng.random() < correct_fraction
+                   else diagnoses[rng.integers(len(diagnoses))] for i in picks]
+        targets = [tokenizer.encode(warmup_target(a), add_special_tokens=False) + [eos]
+                   for a in answers]
         tokens, valid, mask = warmup_batch(prompts, targets, prompt_len, response_len, pad)
         params, opt_state, loss = sft_step(params, opt_state, jax.device_put(tokens, rows),
                                            jax.device_put(valid, rows), jax.device_put(mask, rows))

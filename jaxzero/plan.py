@@ -5,11 +5,17 @@ their shardings, and the train step and the sampler's decode step are lowered an
 for the mesh. Parameter, optimizer, reference and KV-cache sizes are computed from shapes and
 shardings; the train step's and sampler's temporaries (activations, gradients, logits) come
 from XLA's compiled memory analysis of the per-device program.
+
+XLA:CPU's memory analysis does not reflect rematerialisation (its figure is the same with and
+without `jax.checkpoint`), so the planner also counts the train step's activations from shapes
+(`train_activations`), remat-aware: on CPU that computed figure is the one to trust for GPU and
+TPU, and XLA's is an upper bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +56,45 @@ class PlanReport:
     opt_state: int          # computed
     reference: int          # computed
     kv_cache: int           # computed
+    train_activations: int  # computed: activations, logits chunk, gradients (remat-aware)
     train_temp: int         # XLA memory analysis of the update
     train_peak: int         # arguments + outputs - aliased + temporaries of the update (XLA)
     sampler_temp: int       # XLA memory analysis of one decode step
-    total_train_phase: int
+    total_train_phase: int      # computed: params + optimizer + reference + activations
     total_rollout_phase: int
+    xla_train_phase: int        # XLA's figure for the same phase
 
     @property
     def peak(self) -> int:
         return max(self.total_train_phase, self.total_rollout_phase)
+
+
+def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                      param_bytes: int, logit_chunk: int = 128) -> int:
+    """Per-device bytes the update needs beyond its inputs, counted from shapes.
+
+    Per micro-batch of `seqs` sequences of `length` tokens: with remat, every block's input
+    is kept and one block's internals at a time are rebuilt for its backward pass (attention
+    scores and probabilities in float32 with their gradient, the q/k/v, attention and MLP
+    activations); without remat every block's internals are kept. Plus one chunk of float32
+    logits with its softmax and gradient, and the gradients (twice with micro-batching: the
+    accumulator and the current micro-batch's).
+    """
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    tp = mesh.shape["tensor"]
+    seqs = math.ceil(inputs.prompts_per_step * inputs.n / dp / inputs.micro_batches)
+    length = inputs.prompt_len + inputs.response_len
+    cb = np.dtype(inputs.compute_dtype).itemsize
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    n, k = config.num_attention_heads / tp, config.num_key_value_heads
+    scores = seqs * n * length * length * 4 * 3
+    internals = seqs * length * (4 * d + (2 * n + 2 * k) * h + 3 * f / tp) * cb
+    block = scores + internals
+    inputs_kept = config.num_hidden_layers * seqs * length * d * cb
+    acts = inputs_kept + (block if inputs.remat else config.num_hidden_layers * block)
+    logits = seqs * logit_chunk * config.vocab_size / tp * 4 * 3
+    grads = param_bytes * (2 if inputs.micro_batches > 1 else 1)
+    return int(acts + logits + grads)
 
 
 def _sds(tree, shardings):
@@ -118,12 +154,14 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh) -> PlanRepo
         jax.ShapeDtypeStruct((roll_b, 1), jnp.bool_, sharding=rows),
         _sds(cache_abs, cache_shard)).compile().memory_analysis()
     sampler_temp = int(dec.temp_size_in_bytes)
+    activations = train_activations(config, inputs, mesh, p_bytes)
     return PlanReport(
         devices=mesh.size, mesh=dict(mesh.shape), params=p_bytes, opt_state=o_bytes,
-        reference=ref_bytes, kv_cache=kv_bytes, train_temp=train_temp, train_peak=train_peak,
-        sampler_temp=sampler_temp,
-        total_train_phase=train_peak + ref_bytes,
-        total_rollout_phase=p_bytes + o_bytes + ref_bytes + kv_bytes + sampler_temp)
+        reference=ref_bytes, kv_cache=kv_bytes, train_activations=activations,
+        train_temp=train_temp, train_peak=train_peak, sampler_temp=sampler_temp,
+        total_train_phase=p_bytes + o_bytes + ref_bytes + activations,
+        total_rollout_phase=p_bytes + o_bytes + ref_bytes + kv_bytes + sampler_temp,
+        xla_train_phase=train_peak + ref_bytes)
 
 
 def format_report(name: str, report: PlanReport, inputs: PlanInputs,
@@ -140,10 +178,13 @@ def format_report(name: str, report: PlanReport, inputs: PlanInputs,
         f"  optimizer state (Adam)  {g(report.opt_state)}   computed",
         f"  reference model         {g(report.reference)}   computed ({inputs.ref_dtype})",
         f"  KV cache (rollouts)     {g(report.kv_cache)}   computed",
+        f"  train activations+grads {g(report.train_activations)}   computed from shapes "
+        "(remat-aware)",
         f"  train step temporaries  {g(report.train_temp)}   XLA memory analysis "
-        "(activations, gradients, logits)",
+        "(on CPU it ignores remat: an upper bound)",
         f"  sampler step temporaries{g(report.sampler_temp)}   XLA memory analysis",
-        f"  train phase peak        {g(report.total_train_phase)}   XLA args+outputs-aliased"
+        f"  train phase peak        {g(report.total_train_phase)}   computed",
+        f"  train phase, XLA        {g(report.xla_train_phase)}   XLA args+outputs-aliased"
         "+temps, plus reference",
         f"  rollout phase peak      {g(report.total_rollout_phase)}   computed + XLA temps",
         f"  peak                    {g(report.peak)}",

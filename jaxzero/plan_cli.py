@@ -41,7 +41,7 @@ def run_plan_cli(args) -> None:
         prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
         prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
         micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
-        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
         remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
         rollout_micro_batch=cfg.rollout.micro_batch)
     report = plan_memory(model_config, inputs, mesh)

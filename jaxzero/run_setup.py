@@ -181,6 +181,7 @@ def _model_and_tokenizer(cfg, run_dir: Path):
 
 def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     run_dir = Path(cfg.trainer.run_dir)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # fail fast on a bad mesh
     _prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
     _sync("run dir")
     model_config, tokenizer = _model_and_tokenizer(cfg, run_dir)
@@ -190,7 +191,6 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                                           param_dtype=cfg.model.param_dtype), indent=1))
     train_records, test_records = _load_data(cfg, run_dir, tokenizer)
 
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
                            remat=cfg.model.remat == "block")
@@ -244,6 +244,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                 graphdef, params, mesh, records=train_records, tokenizer=tokenizer,
                 diagnoses=diagnoses, steps=cfg.demo.warmup_steps, lr=cfg.demo.warmup_lr,
                 batch_size=cfg.demo.warmup_batch,
+                correct_fraction=cfg.demo.warmup_correct_fraction,
                 prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
                 seed=cfg.trainer.seed, log=log)
         opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
@@ -320,23 +321,31 @@ def _initial_params(cfg, model_config, options, abstract, shardings, log):
 
 
 def _reference(cfg, initial_params, ref_store, abstract_params, model_config, options, log):
-    """The frozen reference policy: a copy of the initial parameters.
+    """The frozen reference policy: the initial parameters in the compute dtype.
 
-    Real models reload it from model.path on resume; the demo's initial model exists only in
-    this run, so it is saved under run_dir/reference.
+    It only ever runs forward passes, so it needs no more precision than the compute (a
+    bfloat16 reference beside float32 master weights halves its memory). Real models reload
+    it from model.path on resume; the demo's initial model exists only in this run, so it is
+    saved under run_dir/reference.
     """
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    to_compute = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(options.compute_dtype), t),
+                         out_shardings=shardings)
     if initial_params is not None:
-        ref = jax.tree.map(jnp.copy, initial_params)  # params get donated; the copy must not
+        ref = to_compute(initial_params)  # a new buffer: the params get donated, it must not
         if cfg.model.demo:
             ref_store.save(0, _pure({"params": ref}), {"model_config": model_config.to_dict()},
                            force=True)
             ref_store.wait()
         return ref
     if cfg.model.demo:
-        arrays, _ = _restore(ref_store, 0, {"params": abstract_params})
+        abstract_ref = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, options.compute_dtype, sharding=x.sharding),
+            abstract_params)
+        arrays, _ = _restore(ref_store, 0, {"params": abstract_ref})
         return arrays["params"]
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    return _initial_params(cfg, model_config, options, abstract_params, shardings, log)
+    return to_compute(_initial_params(cfg, model_config, options, abstract_params, shardings,
+                                      log))
 
 
 def _stop_ids(tokenizer) -> list[int]:
