@@ -58,14 +58,18 @@ class CheckpointStore:
     write finishes in the background; `wait()` blocks until it is committed.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = False):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = False,
+                 compress: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = Path(directory).absolute()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         # Declared up front so a fresh store can read metadata before any save or restore.
+        # Uncompressed by default: zstd buffers a second copy of each array on the host while
+        # saving (1.9x the model's size in a conversion, against 1.2x without), for ~25% disk.
+        arrays_handler = ocp.PyTreeCheckpointHandler(use_compression=compress)
         for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
-            registry.add(_ARRAYS, args)
+            registry.add(_ARRAYS, args, arrays_handler)
         for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
             registry.add(_META, args)
         options = ocp.CheckpointManagerOptions(

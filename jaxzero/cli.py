@@ -175,8 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_compilation_cache() -> None:
+    """Keeps compiled programs on disk so a restarted (preempted) run skips recompiling."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                             "jaxzero", "xla")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "generate"):
+        _use_compilation_cache()
     try:
         args.func(args)
     except JaxzeroError as err:

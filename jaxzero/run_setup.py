@@ -161,8 +161,11 @@ def _model_and_tokenizer(cfg, run_dir: Path):
     tok_dir = run_dir / "tokenizer"
     if cfg.model.demo:
         src = demo_tokenizer_dir()
+    elif cfg.model.tokenizer:
+        src = cfg.model.tokenizer
     else:
-        src = cfg.model.tokenizer or cfg.model.path
+        from jaxzero.model_store import resolve_source
+        src = resolve_source(cfg.model.path).tokenizer_dir  # HF dir, or a jaxzero dir's copy
     tokenizer = load_tokenizer(src)
     if distributed.is_main_process() and not tok_dir.exists():
         tokenizer.save_pretrained(tok_dir)

@@ -1,0 +1,505 @@
+"""HF safetensors <-> jaxzero Qwen2 parameters: a strict, streaming import and a sharded export.
+
+Only safetensors are read (never pickles). Both directions go tensor by tensor, so the host
+holds the parameters plus one tensor on import, and one tensor at a time on export.
+Parameter names and shapes follow `model.py`'s vocabulary (D, F, N, K, H, V); torch Linear
+weights are [out, in] and are transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from tqdm import tqdm
+
+from jaxzero.errors import CheckpointError
+from jaxzero.model import ModelOptions, abstract_model
+from jaxzero.model_config import Qwen2Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files a tokenizer may consist of; whichever the source has are copied, nothing else.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model")
+_UNSAFE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+# safetensors dtype tag <-> numpy dtype, for the float types a checkpoint may hold.
+_ST_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(jnp.bfloat16),
+              "F16": np.dtype(np.float16)}
+EXPORT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_TIED_CHECK_BYTES = 64 * 2**20  # rows of embed/lm_head compared at once when tied
+_MAX_LISTED = 10
+
+
+# ---------------------------------------------------------------- the name/shape table
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor and the jaxzero parameter it becomes."""
+
+    hf_name: str
+    path: tuple[str | int, ...]   # key path in the pure-dict state (layer indices are ints)
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    transposed: bool              # a torch Linear weight: HF [out, in], ours [in, ...out]
+
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        return (x.T if self.transposed else x).reshape(self.shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.transposed:
+            return x.reshape(self.hf_shape[::-1]).T
+        return x.reshape(self.hf_shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def tensor_table(config: Qwen2Config) -> list[TensorMap]:
+    """Every tensor of an HF Qwen2ForCausalLM checkpoint with `config`, in HF's order."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    # Per layer: HF name suffix, our key path suffix, HF shape, our shape, transposed.
+    layer = [
+        ("self_attn.q_proj.weight", ("attn", "q_DNH"), (n * h, d), (d, n, h), True),
+        ("self_attn.q_proj.bias", ("attn", "q_bias_NH"), (n * h,), (n, h), False),
+        ("self_attn.k_proj.weight", ("attn", "k_DKH"), (k * h, d), (d, k, h), True),
+        ("self_attn.k_proj.bias", ("attn", "k_bias_KH"), (k * h,), (k, h), False),
+        ("self_attn.v_proj.weight", ("attn", "v_DKH"), (k * h, d), (d, k, h), True),
+        ("self_attn.v_proj.bias", ("attn", "v_bias_KH"), (k * h,), (k, h), False),
+        ("self_attn.o_proj.weight", ("attn", "o_NHD"), (d, n * h), (n, h, d), True),
+        ("mlp.gate_proj.weight", ("mlp", "gate_DF"), (f, d), (d, f), True),
+        ("mlp.up_proj.weight", ("mlp", "up_DF"), (f, d), (d, f), True),
+        ("mlp.down_proj.weight", ("mlp", "down_FD"), (d, f), (f, d), True),
+        ("input_layernorm.weight", ("attn_norm_D",), (d,), (d,), False),
+        ("post_attention_layernorm.weight", ("mlp_norm_D",), (d,), (d,), False),
+    ]
+    table = [TensorMap("model.embed_tokens.weight", ("embed_VD",), (v, d), (v, d), False)]
+    for i in range(config.num_hidden_layers):
+        table += [TensorMap(f"model.layers.{i}.{name}", ("layers", i) + path, hf_shape, shape,
+                            transposed) for name, path, hf_shape, shape, transposed in layer]
+    table.append(TensorMap("model.norm.weight", ("norm_D",), (d,), (d,), False))
+    if not config.tie_word_embeddings:
+        table.append(TensorMap("lm_head.weight", ("lm_head_VD",), (v, d), (v, d), False))
+    return table
+
+
+# ---------------------------------------------------------------- pure-dict helpers
+
+
+def flatten_pure(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """{key path: leaf} of a nested dict (an nnx pure-dict state)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_pure(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _set_path(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def pure_params(state_or_model) -> dict:
+    """The parameters as a plain nested dict: from a model, an nnx.State or a pure dict."""
+    if isinstance(state_or_model, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(state_or_model, nnx.Param))
+    if isinstance(state_or_model, nnx.State):
+        return nnx.to_pure_dict(state_or_model)
+    if isinstance(state_or_model, dict):
+        return state_or_model
+    raise TypeError(f"expected an nnx model, nnx.State or pure dict, got "
+                    f"{type(state_or_model).__name__}")
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def _listed(names) -> str:
+    names = sorted(names)
+    more = len(names) - _MAX_LISTED
+    return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _key_problems(want: set[tuple], have: set[tuple]) -> list[str]:
+    problems = []
+    if want - have:
+        problems.append(f"missing {_listed(map(_path_name, want - have))}")
+    if have - want:
+        problems.append(f"unexpected {_listed(map(_path_name, have - want))}")
+    return problems
+
+
+# ---------------------------------------------------------------- import
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors tag, e.g. "BF16"
+
+
+def _weight_files(hf_dir: Path) -> tuple[dict[str, str] | None, list[Path]]:
+    """(the index's weight_map or None, the safetensors files it names or the single file)."""
+    index = hf_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (hf_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing from {hf_dir}: "
+                                  f"{_listed(missing)}")
+        return weight_map, [hf_dir / n for n in names]
+    if (hf_dir / SINGLE_FILE).is_file():
+        return None, [hf_dir / SINGLE_FILE]
+    unsafe = [n for n in _UNSAFE_WEIGHTS if (hf_dir / n).exists()]
+    if unsafe:
+        raise CheckpointError(
+            f"{hf_dir} holds {', '.join(unsafe)}; jaxzero reads only safetensors (pickled "
+            "torch files can run code). Convert it with transformers' save_pretrained "
+            "(safe_serialization=True) first.")
+    others = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if others:
+        raise CheckpointError(f"{hf_dir} has {_listed(others)} but no {INDEX_FILE} saying "
+                              f"which tensor is where (nor a single {SINGLE_FILE})")
+    raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} and no {INDEX_FILE}; jaxzero reads "
+                          "only safetensors checkpoints")
+
+
+def read_safetensors_headers(hf_dir: str | Path) -> dict[str, _Stored]:
+    """Name, file, shape and dtype of every tensor, from the headers alone."""
+    hf_dir = Path(hf_dir)
+    weight_map, files = _weight_files(hf_dir)
+    found: dict[str, _Stored] = {}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                if weight_map is not None and weight_map.get(name) != path.name:
+                    continue  # the index is authoritative about where a tensor lives
+                s = f.get_slice(name)
+                found[name] = _Stored(path, tuple(s.get_shape()), s.get_dtype())
+    if weight_map is not None:
+        lost = [f"{n} (in {weight_map[n]})" for n in weight_map if n not in found]
+        if lost:
+            raise CheckpointError(f"{hf_dir / INDEX_FILE} lists tensors that their shard files "
+                                  f"do not contain: {_listed(lost)}")
+    return found
+
+
+def _check_tensors(found: dict[str, _Stored], table: list[TensorMap], config: Qwen2Config,
+                   hf_dir: Path) -> None:
+    expected = {t.hf_name: t for t in table}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected) - optional
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_listed(unexpected)}")
+    for name in sorted(set(expected) & set(found)):
+        want, have = expected[name].hf_shape, found[name].shape
+        if want != have:
+            problems.append(f"{name} has shape {list(have)}, expected {list(want)} "
+                            f"(from config.json)")
+        if found[name].dtype not in _ST_DTYPES:
+            problems.append(f"{name} is {found[name].dtype}; expected a float tensor "
+                            f"({', '.join(_ST_DTYPES)})")
+    if problems:
+        raise CheckpointError(f"{hf_dir} does not match its Qwen2 config.json: "
+                              + "; ".join(problems))
+
+
+def _check_tied_head(found: dict[str, _Stored], hf_dir: Path) -> None:
+    """A tied model's checkpoint may carry lm_head.weight; it must then equal the embedding.
+
+    Anything else would silently change the model, since jaxzero keeps one matrix.
+    """
+    embed, head = found["model.embed_tokens.weight"], found["lm_head.weight"]
+    if (embed.shape, embed.dtype) != (head.shape, head.dtype):
+        raise CheckpointError(
+            f"{hf_dir}: tie_word_embeddings is true but lm_head.weight "
+            f"({head.dtype} {list(head.shape)}) differs from model.embed_tokens.weight "
+            f"({embed.dtype} {list(embed.shape)})")
+    rows = max(1, _TIED_CHECK_BYTES // (embed.shape[1] * _ST_DTYPES[embed.dtype].itemsize))
+    with safe_open(embed.file, framework="numpy") as fe, \
+            safe_open(head.file, framework="numpy") as fh:
+        se, sh = fe.get_slice("model.embed_tokens.weight"), fh.get_slice("lm_head.weight")
+        for start in range(0, embed.shape[0], rows):
+            stop = min(start + rows, embed.shape[0])
+            if not np.array_equal(se[start:stop], sh[start:stop]):
+                raise CheckpointError(
+                    f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs from "
+                    f"model.embed_tokens.weight (first at rows {start}..); set "
+                    "tie_word_embeddings to false in config.json if the head is separate")
+
+
+def _flat_shardings(shardings, table: list[TensorMap]) -> dict[tuple, jax.sharding.Sharding]:
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {t.path: device for t in table}
+    flat = flatten_pure(pure_params(shardings))
+    problems = _key_problems({t.path for t in table}, set(flat))
+    if problems:
+        raise ValueError("shardings do not match the model's parameters: " + "; ".join(problems))
+    return flat
+
+
+def load_hf_checkpoint(hf_dir: str | Path, *, param_dtype, shardings=None):
+    """Reads an HF Qwen2 safetensors checkpoint into `(Qwen2Config, nnx.State)`.
+
+    Every name, shape and dtype is checked against config.json before any tensor is read.
+    Tensors are then read one at a time, cast to `param_dtype` and placed on their sharding
+    (`shardings`: a pytree like the state, default: the first local device) with
+    `jax.make_array_from_callback`, so each process keeps only its own shards. The largest
+    tensor goes first, while little else is resident, so the host peak is about the
+    parameters plus one small tensor.
+    """
+    hf_dir = Path(hf_dir)
+    config = Qwen2Config.from_hf_dir(hf_dir)
+    found = read_safetensors_headers(hf_dir)
+    table = tensor_table(config)
+    _check_tensors(found, table, config, hf_dir)
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        _check_tied_head(found, hf_dir)
+    dtype = np.dtype(jnp.dtype(param_dtype))
+    _, state = abstract_model(config, ModelOptions(param_dtype=dtype))
+    where = _flat_shardings(shardings, table)
+    params: dict = {}
+    order = sorted(table, key=lambda t: t.size, reverse=True)
+    for t in tqdm(order, desc=f"reading {hf_dir.name}", unit="tensor",
+                  disable=jax.process_index() != 0):
+        # One open per tensor: safe_open maps the whole file, and mapped pages that were read
+        # count as resident until the mapping closes.
+        with safe_open(found[t.hf_name].file, framework="numpy") as f:
+            x = t.to_ours(f.get_tensor(t.hf_name)).astype(dtype, copy=False)
+        _set_path(params, t.path, jax.make_array_from_callback(
+            t.shape, where[t.path], lambda index, x=x: x[index]))
+        del x
+    nnx.replace_by_pure_dict(state, params)
+    return config, state
+
+
+# ---------------------------------------------------------------- export
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSummary:
+    out_dir: Path
+    weight_files: tuple[str, ...]
+    other_files: tuple[str, ...]
+    num_tensors: int
+    total_bytes: int
+    dtype: str
+
+    def format(self) -> str:
+        return (f"wrote {self.num_tensors} tensors ({self.total_bytes / 2**20:,.1f} MiB "
+                f"{self.dtype}) "
+                f"to {self.out_dir}: {', '.join(self.weight_files + self.other_files)}")
+
+
+class _SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor; the header is fixed up front.
+
+    Format: 8-byte little-endian header length, a JSON header (padded with spaces to a
+    multiple of 8) of {name: {dtype, shape, data_offsets}}, then the raw bytes in order.
+    """
+
+    def __init__(self, path: Path, tensors: list[TensorMap], st_dtype: str):
+        itemsize = _ST_DTYPES[st_dtype].itemsize
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._expected = []
+        for t in tensors:
+            end = offset + t.size * itemsize
+            header[t.hf_name] = {"dtype": st_dtype, "shape": list(t.hf_shape),
+                                 "data_offsets": [offset, end]}
+            self._expected.append((t.hf_name, end - offset))
+            offset = end
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.path, self._tmp = path, path.with_name(path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._next = 0
+
+    def write(self, name: str, x: np.ndarray) -> None:
+        want_name, want_bytes = self._expected[self._next]
+        assert (name, x.nbytes) == (want_name, want_bytes), (name, x.nbytes, want_name)
+        self._file.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+        self._next += 1
+
+    def close(self) -> None:
+        assert self._next == len(self._expected), "not every tensor was written"
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+
+def _plan_shards(table: list[TensorMap], itemsize: int, max_shard_bytes: int):
+    """Consecutive tensors in files of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorMap]] = [[]]
+    size = 0
+    for t in table:
+        nbytes = t.size * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    if len(shards) == 1:
+        return [(SINGLE_FILE, shards[0])]
+    n = len(shards)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole array on this host; every process must call it (it may gather)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _remove_previous_export(out_dir: Path) -> None:
+    """Deletes an earlier export's weight files, which would otherwise mix with the new ones."""
+    for p in out_dir.iterdir():
+        if p.name in (SINGLE_FILE, INDEX_FILE) or (p.name.startswith("model-")
+                                                   and p.name.endswith(".safetensors")):
+            p.unlink()
+
+
+def default_generation_config(config: Qwen2Config) -> dict[str, Any]:
+    """Qwen2.5's convention: <|endoftext|> (the bos id) also ends generation and pads.
+
+    For Qwen2.5-Instruct this gives eos [151645, 151643] and pad 151643, as it ships.
+    """
+    eos = config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    out: dict[str, Any] = {"bos_token_id": config.bos_token_id}
+    if config.bos_token_id is not None:
+        if config.bos_token_id not in eos_ids:
+            eos_ids.append(config.bos_token_id)
+        out["pad_token_id"] = config.bos_token_id
+    out["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    return out
+
+
+def tokenizer_files(src: str | Path) -> list[str]:
+    """The TOKENIZER_FILES that `src` has; an error when it has none."""
+    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    if not names:
+        raise CheckpointError(
+            f"{src}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    return names
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copies the tokenizer files `src` has into `dst`; their names."""
+    src, dst = Path(src), Path(dst)
+    names = tokenizer_files(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copyfile(src / n, dst / n)
+    return names
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
+              dtype: str = "bfloat16", max_shard_bytes: int = 5 * 10**9,
+              tokenizer_src: str | Path | None = None,
+              generation_config: str | Path | dict | None = None) -> ExportSummary:
+    """Writes an HF Qwen2ForCausalLM directory that `from_pretrained` loads.
+
+    Weights go to `model.safetensors`, or to `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json` when they exceed `max_shard_bytes`, cast to `dtype`. Also
+    config.json, generation_config.json (copied from a path, written from a dict, or the
+    Qwen defaults) and the tokenizer files of `tokenizer_src`. Tensors are fetched to the
+    host one at a time; with several processes every one must call this (they take part in
+    the gathers) and only process 0 writes. Weight files of an earlier export in `out_dir`
+    are replaced.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    st_dtype = EXPORT_DTYPES[dtype]
+    np_dtype = _ST_DTYPES[st_dtype]
+    flat = flatten_pure(pure_params(state_or_model))
+    table = tensor_table(config)
+    want = {t.path: t for t in table}
+    problems = _key_problems(set(want), set(flat))
+    problems += [f"{_path_name(p)} has shape {tuple(flat[p].shape)}, the config says "
+                 f"{t.shape}" for p, t in want.items()
+                 if p in flat and tuple(flat[p].shape) != t.shape]
+    if problems:
+        raise CheckpointError("parameters do not match the model config: " + "; ".join(problems))
+
+    if tokenizer_src is not None:
+        tokenizer_files(tokenizer_src)  # fail before writing gigabytes, not after
+    if isinstance(generation_config, (str, Path)) and not Path(generation_config).is_file():
+        raise CheckpointError(f"{generation_config}: no such generation config file")
+    out_dir = Path(out_dir)
+    main = jax.process_index() == 0
+    shards = _plan_shards(table, np_dtype.itemsize, max_shard_bytes)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_previous_export(out_dir)
+    with tqdm(total=len(table), desc=f"writing {out_dir.name}", unit="tensor",
+              disable=not main) as bar:
+        for file_name, tensors in shards:
+            writer = _SafetensorsWriter(out_dir / file_name, tensors, st_dtype) if main else None
+            for t in tensors:
+                host = _to_host(flat[t.path])
+                if writer is not None:
+                    writer.write(t.hf_name, t.to_hf(host).astype(np_dtype, copy=False))
+                del host
+                bar.update()
+            if writer is not None:
+                writer.close()
+
+    total = sum(t.size for t in table) * np_dtype.itemsize
+    others = ["config.json", "generation_config.json"]
+    if main:
+        if len(shards) > 1:
+            _write_json(out_dir / INDEX_FILE, {
+                "metadata": {"total_size": total},
+                "weight_map": {t.hf_name: name for name, ts in shards for t in ts}})
+            others.insert(0, INDEX_FILE)
+        _write_json(out_dir / "config.json", config.to_hf_dict(torch_dtype=dtype))
+        if isinstance(generation_config, (str, Path)):
+            shutil.copyfile(generation_config, out_dir / "generation_config.json")
+        else:
+            _write_json(out_dir / "generation_config.json",
+                        generation_config or default_generation_config(config))
+        if tokenizer_src is not None:
+            others += copy_tokenizer_files(tokenizer_src, out_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("export_hf")
+    return ExportSummary(out_dir, tuple(name for name, _ in shards), tuple(others),
+                         len(table), total, dtype)

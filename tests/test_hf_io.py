@@ -1,0 +1,315 @@
+"""HF safetensors import/export: bit-exact round trips, transformers reloads, shards, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from jaxzero import hf_io
+from jaxzero.errors import CheckpointError
+from jaxzero.model import abstract_model
+from jaxzero.model_config import Qwen2Config
+
+FAKE_TOKENIZER = {"tokenizer.json": '{"fake": "tokenizer"}',
+                  "tokenizer_config.json": '{"model_max_length": 64}'}
+
+
+def make_hf_model(*, tie=False, heads=4, kv_heads=2, hidden=32, head_dim=None, layers=2,
+                  vocab=96, intermediate=48, seed=0):
+    """A tiny random transformers Qwen2ForCausalLM; norms and biases random too (HF makes
+    them 1 and 0, which would hide a mix-up between them)."""
+    torch.manual_seed(seed)
+    extra = {"head_dim": head_dim} if head_dim else {}
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie, bos_token_id=vocab - 2, eos_token_id=vocab - 1, **extra)
+    cfg._attn_implementation = "eager"
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, path, *, dtype=torch.float32, max_shard_size="50GB", tokenizer=True):
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
+    if tokenizer:
+        for name, text in FAKE_TOKENIZER.items():
+            (path / name).write_text(text)
+    return path
+
+
+def hf_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF dir (single file or shards), by name."""
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                assert name not in out
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        # Bytes, not values: bit-exact, NaN- and -0.0-proof.
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def untied_model():
+    return make_hf_model(tie=False)
+
+
+# ---------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_table_covers_the_model_exactly(tie):
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=12, tie_word_embeddings=tie)
+    _, abstract = abstract_model(config)
+    flat = {p: tuple(x.shape) for p, x in hf_io.flatten_pure(nnx.to_pure_dict(abstract)).items()}
+    table = hf_io.tensor_table(config)
+    assert {t.path: t.shape for t in table} == flat
+    assert len({t.hf_name for t in table}) == len(table)
+    assert sum(t.size for t in table) == config.num_params()
+    x = np.arange(12 * 4 * 32).reshape(48, 32)  # q_proj [N*H, D]
+    q = next(t for t in table if t.hf_name.endswith("q_proj.weight"))
+    np.testing.assert_array_equal(q.to_ours(x)[:, 1, :], x[12:24].T)
+    np.testing.assert_array_equal(q.to_hf(q.to_ours(x)), x)
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float32", torch.float32),
+                                               ("bfloat16", torch.bfloat16)])
+def test_round_trip_is_bit_exact(tmp_path, dtype, torch_dtype):
+    src = save_hf(make_hf_model(tie=False), tmp_path / "hf", dtype=torch_dtype)
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype=dtype)
+    leaves = jax.tree.leaves(state)
+    assert all(x.dtype == jnp.dtype(dtype) for x in leaves)
+    summary = hf_io.export_hf(state, config, tmp_path / "out", dtype=dtype, tokenizer_src=src)
+    assert summary.weight_files == ("model.safetensors",) and summary.num_tensors == 27
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "out"))
+    for name, text in FAKE_TOKENIZER.items():
+        assert (tmp_path / "out" / name).read_text() == text
+
+
+def test_tied_round_trip_writes_no_lm_head(tmp_path):
+    src = save_hf(make_hf_model(tie=True), tmp_path / "hf")
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    assert config.tie_word_embeddings and "lm_head_VD" not in nnx.to_pure_dict(state)
+    hf_io.export_hf(state, config, tmp_path / "out", dtype="float32")
+    assert "lm_head.weight" not in hf_tensors(tmp_path / "out")
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "out"))
+
+
+def test_tied_checkpoint_with_an_equal_lm_head_loads(tmp_path):
+    src = save_hf(make_hf_model(tie=True), tmp_path / "hf")
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    tensors["lm_head.weight"][3, 1] += 1.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+
+
+def test_transformers_loads_the_export_and_agrees(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    out = tmp_path / "out"
+    hf_io.export_hf(state, config, out, dtype="float32", max_shard_bytes=20_000)
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 27
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager")
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and not info["error_msgs"]
+    tokens = np.array([[5, 17, 3, 90, 41, 8, 8, 2]])
+    graphdef, _ = abstract_model(config)
+    ours, _ = nnx.merge(graphdef, state)(jnp.asarray(tokens))
+    with torch.no_grad():
+        theirs = reloaded(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 94, "pad_token_id": 94, "eos_token_id": [95, 94]}
+
+
+def test_hf_sharded_checkpoint_loads(tmp_path, untied_model):
+    single = save_hf(untied_model, tmp_path / "single")
+    sharded = save_hf(untied_model, tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    _, a = hf_io.load_hf_checkpoint(single, param_dtype="float32")
+    _, b = hf_io.load_hf_checkpoint(sharded, param_dtype="float32")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_export_reads_the_source_generation_config(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    (src / "generation_config.json").write_text('{"eos_token_id": [1, 2], "top_p": 0.8}')
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    hf_io.export_hf(state, config, tmp_path / "out",
+                    generation_config=src / "generation_config.json")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_p"] == 0.8
+
+
+def test_export_replaces_an_earlier_export(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    out = tmp_path / "out"
+    hf_io.export_hf(state, config, out, dtype="float32", max_shard_bytes=20_000)
+    hf_io.export_hf(state, config, out, dtype="bfloat16")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- shardings
+
+
+def test_loads_onto_shardings_and_exports_from_them(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    config, host = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    _, abstract = abstract_model(config)
+    specs = {"embed_VD": P("fsdp", None), "lm_head_VD": P(None, "fsdp")}
+    shardings = nnx.to_pure_dict(abstract)
+    shardings = jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, specs.get(path[-1].key, P())), shardings)
+    _, state = hf_io.load_hf_checkpoint(src, param_dtype="float32", shardings=shardings)
+    pure, host_pure = nnx.to_pure_dict(state), nnx.to_pure_dict(host)
+    assert pure["embed_VD"].sharding == NamedSharding(mesh, P("fsdp", None))
+    assert len(pure["embed_VD"].addressable_shards) == 8
+    assert pure["embed_VD"].addressable_shards[0].data.shape == (12, 32)
+    assert pure["lm_head_VD"].sharding.spec == P(None, "fsdp")
+    assert pure["norm_D"].sharding.is_fully_replicated
+    for x, y in zip(jax.tree.leaves(pure), jax.tree.leaves(host_pure), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    hf_io.export_hf(state, config, tmp_path / "out", dtype="float32")
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "out"))
+
+
+def test_shardings_must_match_the_parameters(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError, match="missing layers.0.attn.k_DKH, .* and 16 more$"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32", shardings={"embed_VD": device})
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def hf_dir(tmp_path, untied_model):
+    return save_hf(untied_model, tmp_path / "hf")
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(path, fn):
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_wrong_architecture(hf_dir):
+    _edit_config(hf_dir, model_type="llama")
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_sliding_window_is_refused(hf_dir):
+    _edit_config(hf_dir, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(CheckpointError, match="use_sliding_window"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_missing_shard(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf", max_shard_size="20KB")
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"missing from .*{victim.name}"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+
+
+def test_shape_mismatch(hf_dir):
+    name = "model.layers.1.mlp.up_proj.weight"
+    _edit_tensors(hf_dir, lambda t: t.update({name: t[name][:40]}))
+    with pytest.raises(CheckpointError,
+                       match=rf"{name} has shape \[40, 32\], expected \[48, 32\]"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_missing_key(hf_dir):
+    _edit_tensors(hf_dir, lambda t: t.pop("model.layers.0.self_attn.k_proj.bias"))
+    with pytest.raises(CheckpointError,
+                       match=r"missing tensors: model.layers.0.self_attn.k_proj.bias$"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_unexpected_key(hf_dir):
+    _edit_tensors(hf_dir, lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
+    with pytest.raises(CheckpointError,
+                       match="unexpected tensors: model.layers.0.self_attn.rotary_emb.inv_freq"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_pickled_weights_are_refused(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin; jaxzero reads only safetensors"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_no_weights_at_all(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+
+
+def test_index_naming_an_absent_tensor(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf", max_shard_size="20KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = sorted(src.glob("model-*.safetensors"))[0].name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="do not contain: model.norm.weight"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+
+
+def test_export_checks_the_state_against_the_config(tmp_path, hf_dir):
+    config, state = hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")
+    wider = Qwen2Config.from_dict(dict(config.to_dict(), intermediate_size=64))
+    with pytest.raises(CheckpointError, match="gate_DF has shape"):
+        hf_io.export_hf(state, wider, tmp_path / "out")
+    tied = Qwen2Config.from_dict(dict(config.to_dict(), tie_word_embeddings=True))
+    with pytest.raises(CheckpointError, match="unexpected lm_head_VD"):
+        hf_io.export_hf(state, tied, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        hf_io.export_hf(state, config, tmp_path / "out", tokenizer_src=tmp_path)
