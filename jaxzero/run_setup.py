@@ -277,6 +277,8 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
 
 
 def save_checkpoint(run: Run, step: int, *, log=print, force: bool = False) -> None:
+    if run.store.latest_step() == step:
+        return  # already saved (the end of a run that stopped on a save step)
     meta = {"step": step, "data_state": run.loader.get_state(),
             "config": config_lib.config_to_dict(run.cfg),
             "model_config": run.model_config.to_dict()}

@@ -166,6 +166,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
     """Runs (or resumes) a GRPO run; returns the last step's metrics."""
     run = setup_run(cfg, resume=resume, overwrite=overwrite, log=log)
     last: dict[str, float] = {}
+    rewards: list[float] = []
     skips = 0
     step = run.start_step
     try:
@@ -193,6 +194,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
                 if step % cfg.trainer.log_every == 0 and distributed.is_main_process():
                     log(console_line(step, metrics, CONSOLE_KEYS))
                 last = metrics
+                rewards.append(metrics["reward/mean"])
                 if step % cfg.trainer.save_every == 0:
                     save_checkpoint(run, step, log=log)
                 if stop.received:
@@ -203,6 +205,10 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
                 run.export_hf(cfg.trainer.export_hf, log=log)
     finally:
         run.close()
+    if distributed.is_main_process() and len(rewards) >= 4:
+        k = max(len(rewards) // 4, 1)
+        log(f"mean reward: first {k} steps {np.mean(rewards[:k]):.3f} -> "
+            f"last {k} steps {np.mean(rewards[-k:]):.3f}")
     if distributed.is_main_process():
         log(f"done at step {step}. TensorBoard: tensorboard --logdir {run.tb_dir}\n"
             f"  checkpoints: {run.ckpt_dir}"
