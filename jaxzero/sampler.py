@@ -1,0 +1,400 @@
+"""Batched sampling from the Qwen2 model: a bucketed jitted prefill, then one while_loop decode.
+
+Shapes follow model.py, plus P prompts, n samples per prompt (B = P * n, the samples of one
+prompt contiguous), T the prompt bucket and R = max_new_tokens.
+
+Everything that changes between calls of a run is an array (prompts, the PRNG key, the
+sampling parameters), so the prefill compiles once per (bucket, P, n) and the decode once per
+(bucket, P * n). What is static is the frozen `SamplerConfig` (token budget, stop ids, pad
+id), the model's graphdef, and n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxzero.errors import ConfigError
+from jaxzero.model import KVCache
+from jaxzero.model_config import Qwen2Config
+from jaxzero.sharding import BATCH, put_global
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """What a compiled sampler is specialised to (hashable: a static jit argument)."""
+
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    buckets: tuple[int, ...] = (128, 256, 512, 1024)
+    cache_dtype: str | None = None  # None: the model's compute dtype
+    max_prompts_per_call: int | None = None  # None: every prompt of a generate() in one call
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}; it must be at least 1")
+        if not self.buckets or self.buckets[0] < 1:
+            raise ConfigError(f"prompt buckets {self.buckets}: give at least one positive length")
+        if self.max_prompts_per_call is not None and self.max_prompts_per_call < 1:
+            raise ConfigError(f"max_prompts_per_call={self.max_prompts_per_call}; use None or >= 1")
+        if self.cache_dtype is not None:
+            jnp.dtype(self.cache_dtype)  # raises on an unknown dtype name
+
+
+class SamplingParams(NamedTuple):
+    """Scalars, traced rather than static, so a new temperature does not recompile."""
+
+    temperature: jax.Array  # float32; 0 means greedy
+    top_p: jax.Array        # float32 in (0, 1]; 1 means off
+    top_k: jax.Array        # int32; 0 means off
+
+    @classmethod
+    def make(cls, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+             ) -> "SamplingParams":
+        if temperature < 0:
+            raise ConfigError(f"temperature={temperature}; use 0 for greedy or a positive value")
+        if not 0.0 < top_p <= 1.0:
+            raise ConfigError(f"top_p={top_p}; it must be in (0, 1]")
+        if top_k < 0:
+            raise ConfigError(f"top_k={top_k}; use 0 for off or a positive count")
+        return cls(jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
+
+
+class SampleOutput(NamedTuple):
+    """One row per sample; rows g*n .. g*n+n-1 are the n samples of prompt g."""
+
+    tokens: jax.Array         # [B, R] int32, pad_id after a stop
+    mask: jax.Array           # [B, R] bool, the completion (its stop token included)
+    logprobs: jax.Array       # [B, R] float32, log-softmax(logits / temperature) of each token
+    lengths: jax.Array        # [B] int32
+    stopped: jax.Array        # [B] bool: True ended on a stop id, False ran out of tokens
+    prompt_tokens: jax.Array  # [B, T] int32, left-padded with pad_id
+    prompt_mask: jax.Array    # [B, T] bool
+
+
+def finish_reasons(stopped) -> list[str]:
+    """'stop' or 'length' per sequence, from `SampleOutput.stopped`."""
+    return ["stop" if s else "length" for s in np.asarray(stopped)]
+
+
+# ----------------------------------------------------------------------------- sampling step
+
+
+def _ordered(x_BV: jax.Array) -> jax.Array:
+    """float32 -> int32 keys with the same order (bisection runs on the keys)."""
+    i = jax.lax.bitcast_convert_type(x_BV.astype(jnp.float32), jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _largest_threshold(key_BV: jax.Array, enough) -> jax.Array:
+    """Per row, the largest t with `enough(key_BV >= t)` true, for a test that only gets
+    truer as t falls: 32 bisection steps over int32, so t is exactly one of the row's keys.
+
+    A descending sort finds the same thresholds but costs ~1 s per step for a 152k vocab on
+    CPU; this is 32 fused compare-and-reduce passes.
+    """
+    def step(_, bounds):
+        lo_B, hi_B = bounds
+        mid_B = (lo_B >> 1) + (hi_B >> 1) + ((lo_B | hi_B) & 1)  # ceil((lo+hi)/2), no overflow
+        ok_B = enough(key_BV >= mid_B[:, None])
+        return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B - 1)
+    lo_B, _ = jax.lax.fori_loop(0, 32, step, (key_BV.min(-1), key_BV.max(-1)))
+    return lo_B
+
+
+def _top_k(weights_BV, key_BV, top_k):
+    """Zeroes all but the top_k largest logits (ties with the k-th stay)."""
+    t_B = _largest_threshold(key_BV, lambda keep_BV: keep_BV.sum(-1) >= top_k)
+    return jnp.where(key_BV >= t_B[:, None], weights_BV, 0.0)
+
+
+def _top_p(weights_BV, key_BV, top_p):
+    """Keeps the fewest most likely tokens whose mass reaches top_p of what is left."""
+    need_B1 = top_p * weights_BV.sum(-1, keepdims=True)
+    t_B = _largest_threshold(key_BV, lambda keep_BV: jnp.where(
+        keep_BV, weights_BV, 0.0).sum(-1, keepdims=True)[:, 0] >= need_B1[:, 0])
+    return jnp.where(key_BV >= t_B[:, None], weights_BV, 0.0)
+
+
+def _draw(weights_BV: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
+    """One index per row with probability proportional to `weights_BV` (>= 0), by inverse CDF
+    over blocks of the vocab: one uniform per row instead of a Gumbel per logit (a
+    152k-vocab Gumbel draw costs ~70 ms per step on CPU). Zero-weight entries are never drawn.
+    """
+    b, v = weights_BV.shape
+    w_BCK = jnp.pad(weights_BV, ((0, 0), (0, -v % block))).reshape(b, -1, block)
+    mass_BC = w_BCK.sum(-1)
+    u_B = jax.random.uniform(key, (b,)) * mass_BC.sum(-1)
+
+    def pick(cum_BN, nonzero_BN, u_B):  # first entry with cum > u (rounding: last nonzero)
+        last_B = jnp.max(jnp.where(nonzero_BN, jnp.arange(cum_BN.shape[1]), 0), axis=-1)
+        return jnp.minimum(jnp.sum(cum_BN <= u_B[:, None], axis=-1), last_B)
+
+    cum_BC = jnp.cumsum(mass_BC, axis=-1)
+    c_B = pick(cum_BC, mass_BC > 0, u_B)
+    inner_BK = jnp.take_along_axis(w_BCK, c_B[:, None, None], axis=1)[:, 0]
+    before_B = jnp.take_along_axis(cum_BC - mass_BC, c_B[:, None], axis=1)[:, 0]
+    k_B = pick(jnp.cumsum(inner_BK, axis=-1), inner_BK > 0, u_B - before_B)
+    return (c_B * block + k_B).astype(jnp.int32)
+
+
+def sample_token(logits_BV: jax.Array, key: jax.Array, params: SamplingParams
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [B] int32 and their float32 log-probs [B].
+
+    The log-prob is log-softmax(logits / temperature) over the whole vocab (raw logits when
+    greedy), the quantity a trainer recomputes from a forward pass; top-k then top-p only
+    decide which tokens may be drawn, and their threshold searches run only when they are on.
+    """
+    greedy = params.temperature <= 0
+    scaled_BV = logits_BV / jnp.where(greedy, 1.0, params.temperature)
+    max_B1 = scaled_BV.max(-1, keepdims=True)
+    weights_BV = jnp.exp(scaled_BV - max_B1)
+    lse_B = max_B1[:, 0] + jnp.log(weights_BV.sum(-1))
+
+    def sample(weights_BV):
+        key_BV = _ordered(scaled_BV)
+        weights_BV = jax.lax.cond(params.top_k > 0, _top_k, lambda w, *_: w,
+                                  weights_BV, key_BV, params.top_k)
+        weights_BV = jax.lax.cond(params.top_p < 1, _top_p, lambda w, *_: w,
+                                  weights_BV, key_BV, params.top_p)
+        return _draw(weights_BV, key)
+
+    tokens_B = jax.lax.cond(greedy, lambda w: jnp.argmax(scaled_BV, -1).astype(jnp.int32),
+                            sample, weights_BV)
+    picked_B = jnp.take_along_axis(scaled_BV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, picked_B - lse_B
+
+
+# ----------------------------------------------------------------------------- prefill / decode
+
+
+def prefill(graphdef, config: SamplerConfig, n: int, state, tokens_PT, valid_PT
+            ) -> tuple[KVCache, jax.Array]:
+    """Runs the prompts once; returns the cache grown to T + R slots and n copies per prompt
+    (B = P * n rows), and the last position's float32 logits [B, V]."""
+    model = nnx.merge(graphdef, state)
+    p, t = tokens_PT.shape
+    cache = KVCache.empty(model.config, p, t,
+                          jnp.dtype(config.cache_dtype or model.options.compute_dtype))
+    h_PTD, cache = model.hidden_states(tokens_PT, valid_PT, cache=cache)
+    logits_PV = model.logits(h_PTD[:, -1:])[:, 0]  # left-padded: the last slot is real
+    r = config.max_new_tokens
+
+    def grow(x):  # [L, P, T, ...] -> [L, P*n, T+R, ...]; new slots are empty and invalid
+        pad = [(0, 0)] * x.ndim
+        pad[2] = (0, r)
+        return jnp.repeat(jnp.pad(x, pad), n, axis=1)
+
+    valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, r))), n, axis=0)
+    cache = KVCache(grow(cache.k_LBSKH), grow(cache.v_LBSKH), valid_BS, cache.end)
+    return cache, jnp.repeat(logits_PV, n, axis=0)
+
+
+class _DecodeState(NamedTuple):
+    step: jax.Array        # int32: tokens [0, step) of every row are written
+    tokens_BR: jax.Array
+    logprobs_BR: jax.Array
+    lengths_B: jax.Array
+    done_B: jax.Array      # emitted a stop id
+    cache: KVCache
+
+
+def decode(graphdef, config: SamplerConfig, state, cache: KVCache, logits_BV, positions_B,
+           key, params: SamplingParams):
+    """Samples R tokens per row after `prefill`; stops early once every row has stopped.
+
+    `positions_B` is each row's prompt length (the position of its first new token).
+    Returns (tokens_BR, mask_BR, logprobs_BR, lengths_B, stopped_B, final cache); the cache
+    comes back only so that the donated input cache can be updated in place.
+    """
+    model = nnx.merge(graphdef, state)
+    b, r = logits_BV.shape[0], config.max_new_tokens
+    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+    def record(s: _DecodeState, logits_BV, cache) -> _DecodeState:
+        tok_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, s.step), params)
+        tok_B = jnp.where(s.done_B, config.pad_id, tok_B)
+        logp_B = jnp.where(s.done_B, 0.0, logp_B)
+        return _DecodeState(
+            step=s.step + 1,
+            tokens_BR=jax.lax.dynamic_update_slice(s.tokens_BR, tok_B[:, None], (0, s.step)),
+            logprobs_BR=jax.lax.dynamic_update_slice(s.logprobs_BR, logp_B[:, None],
+                                                     (0, s.step)),
+            lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
+            done_B=s.done_B | jnp.isin(tok_B, stop_ids),
+            cache=cache)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
+        positions_B1 = (positions_B + s.step - 1)[:, None]
+        logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache)
+        return record(s, logits_B1V[:, 0], cache)
+
+    def more(s: _DecodeState):
+        return (s.step < r) & ~jnp.all(s.done_B)
+
+    start = _DecodeState(
+        step=jnp.int32(0), tokens_BR=jnp.full((b, r), config.pad_id, jnp.int32),
+        logprobs_BR=jnp.zeros((b, r), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
+        done_B=jnp.zeros((b,), jnp.bool_), cache=cache)
+    end = jax.lax.while_loop(more, body, record(start, logits_BV, cache))
+    mask_BR = jnp.arange(r)[None, :] < end.lengths_B[:, None]
+    return end.tokens_BR, mask_BR, end.logprobs_BR, end.lengths_B, end.done_B, end.cache
+
+
+# ----------------------------------------------------------------------------- host API
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to [P, length] int32 tokens and a bool mask."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), np.bool_)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            valid[i, length - len(p):] = True
+    return tokens, valid
+
+
+class Sampler:
+    """Jitted prefill + decode for one model architecture, optionally over a device mesh.
+
+    The parameters are passed per call (the trainer's own arrays, left on whatever shardings
+    they have: nothing is copied). With a mesh, batch-leading arrays go over (data, fsdp) and
+    the key and sampling parameters are replicated.
+    """
+
+    def __init__(self, graphdef, model_config: Qwen2Config, *, max_new_tokens: int,
+                 stop_ids: Sequence[int], pad_id: int,
+                 buckets: Sequence[int] = (128, 256, 512, 1024), mesh: Mesh | None = None,
+                 cache_dtype: str | None = None, max_prompts_per_call: int | None = None):
+        self.config = SamplerConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                                    pad_id=pad_id, buckets=tuple(buckets),
+                                    cache_dtype=cache_dtype,
+                                    max_prompts_per_call=max_prompts_per_call)
+        self.model_config = model_config
+        self.mesh = mesh
+        self.graphdef = graphdef
+        kw_prefill, kw_decode = {}, {}
+        if mesh is not None:
+            rows, rows1 = self._rows(2), self._rows(1)
+            rep = NamedSharding(mesh, P())
+            cache_s = self._cache_sharding()
+            # None for the parameters: compile against the shardings they already have.
+            kw_prefill = dict(in_shardings=(None, rows, rows), out_shardings=(cache_s, rows))
+            kw_decode = dict(in_shardings=(None, cache_s, rows, rows1, rep, rep),
+                             out_shardings=(rows, rows, rows, rows1, rows1, cache_s))
+        # The prefill's cache is consumed by the decode: donating it lets the while loop
+        # update it in place (it is returned only to alias it) instead of holding two copies.
+        self._prefill = jax.jit(prefill, static_argnums=(0, 1, 2), **kw_prefill)
+        self._decode = jax.jit(decode, static_argnums=(0, 1), donate_argnums=(3,),
+                               **kw_decode)
+
+    def _rows(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, P(BATCH, *([None] * (ndim - 1))))
+
+    def _cache_sharding(self) -> KVCache:
+        # K heads over `tensor`, as the sharded k/v projections produce them, when they divide.
+        heads = "tensor" if self.model_config.num_key_value_heads % self.mesh.shape["tensor"] \
+            == 0 else None
+        kv = NamedSharding(self.mesh, P(None, BATCH, None, heads, None))
+        return KVCache(kv, kv, self._rows(2), NamedSharding(self.mesh, P()))
+
+    @property
+    def data_parallel(self) -> int:
+        """Rows per call must be a multiple of this (the size of the batch axes)."""
+        if self.mesh is None:
+            return 1
+        return int(np.prod([self.mesh.shape[a] for a in BATCH]))
+
+    def bucket_for(self, length: int) -> int:
+        for b in self.config.buckets:
+            if length <= b:
+                return b
+        raise ConfigError(f"a prompt of {length} tokens is longer than the largest prompt "
+                          f"bucket ({self.config.buckets[-1]}); raise data.prompt_buckets or "
+                          "filter long prompts")
+
+    def _put(self, x: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return put_global(x, self._rows(x.ndim))
+
+    def sample_padded(self, state, tokens_PT: np.ndarray, valid_PT: np.ndarray, *,
+                      key: jax.Array, params: SamplingParams, n: int) -> SampleOutput:
+        """One prefill + decode over already padded prompts (P a multiple of data_parallel)."""
+        if tokens_PT.shape[0] % self.data_parallel:
+            raise ConfigError(f"{tokens_PT.shape[0]} prompts do not divide over the "
+                              f"{self.data_parallel} data-parallel devices")
+        positions_B = np.repeat(valid_PT.sum(axis=1).astype(np.int32), n)
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        with ctx:
+            cache, logits_BV = self._prefill(self.graphdef, self.config, n, state,
+                                             self._put(tokens_PT), self._put(valid_PT))
+            tokens, mask, logprobs, lengths, stopped, _ = self._decode(
+                self.graphdef, self.config, state, cache, logits_BV, self._put(positions_B),
+                key, params)
+        return SampleOutput(tokens, mask, logprobs, lengths, stopped,
+                            self._put(np.repeat(tokens_PT, n, axis=0)),
+                            self._put(np.repeat(valid_PT, n, axis=0)))
+
+    def generate(self, state, prompts: Sequence[Sequence[int]], *, key: jax.Array,
+                 n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+                 ) -> SampleOutput:
+        """n samples for each prompt (token id lists); B = len(prompts) * n rows.
+
+        Prompts are left-padded to the smallest bucket that holds the longest of each call
+        and processed `max_prompts_per_call` at a time (rounded up to a multiple of the
+        data-parallel size; a short last call is padded with copies of its first prompt, whose
+        rows are dropped).
+        """
+        if not prompts:
+            raise ConfigError("generate() needs at least one prompt")
+        if n < 1:
+            raise ConfigError(f"n={n}; it must be at least 1")
+        params = SamplingParams.make(temperature, top_p, top_k)
+        dp = self.data_parallel
+        size = min(self.config.max_prompts_per_call or len(prompts), len(prompts))
+        size = -(-size // dp) * dp  # every call the same shape, a multiple of dp
+        outputs = []
+        for index, start in enumerate(range(0, len(prompts), size)):
+            chunk = list(prompts[start: start + size])
+            real = len(chunk)
+            chunk += [chunk[0]] * (size - real)
+            bucket = self.bucket_for(max(len(p) for p in chunk))
+            tokens, valid = pad_prompts(chunk, bucket, self.config.pad_id)
+            out = self.sample_padded(state, tokens, valid, key=jax.random.fold_in(key, index),
+                                     params=params, n=n)
+            outputs.append((out, real * n))
+        if len(outputs) == 1 and outputs[0][1] == outputs[0][0].tokens.shape[0]:
+            return outputs[0][0]
+        return _concat_rows(outputs, self.config.pad_id)
+
+
+def _concat_rows(outputs, pad_id: int) -> SampleOutput:
+    """Joins per-call outputs, keeping each call's first `rows` rows; prompts are re-padded
+    (on the left) to the widest bucket used."""
+    width = max(o.prompt_tokens.shape[1] for o, _ in outputs)
+    fill = {"prompt_tokens": pad_id, "prompt_mask": False}
+    fields = []
+    for name in SampleOutput._fields:
+        parts = []
+        for o, rows in outputs:
+            x = getattr(o, name)[:rows]
+            if name in fill:
+                x = jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill[name])
+            parts.append(x)
+        fields.append(jnp.concatenate(parts, axis=0))
+    return SampleOutput(*fields)
