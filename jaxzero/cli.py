@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", help="openai judge model name, or local judge model path")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge's API key (never logged)")
+    p.add_argument("--judge-max-new-tokens", type=int, default=512,
+                   help="local judge: tokens its reply may take")
     p.add_argument("--hypernyms", help="RareArena orphanet_hypernym.json (for score 1)")
     p.add_argument("--out", default="eval_out", help="report directory")
     p.add_argument("--max-new-tokens", type=int, default=1024)

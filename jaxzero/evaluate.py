@@ -90,7 +90,7 @@ def _judge(args, out_dir, reward_cfg):
 
     def generate_fn(prompts: list[str]) -> list[str]:
         ids = judge_model.encode(prompts, chat=True)
-        sampler = judge_model.sampler(512)
+        sampler = judge_model.sampler(args.judge_max_new_tokens)
         greedy = lambda p, chunk: sampler.generate(p, chunk, key=_key0(), n=1, temperature=0.0)
         return generate_texts(greedy, judge_model.params, ids, judge_model.tokenizer,
                               args.batch_size)[0]
