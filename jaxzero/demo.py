@@ -33,6 +33,18 @@ def demo_model_config(*, vocab_size: int, layers: int, hidden: int, heads: int, 
                        bos_token_id=151643, eos_token_id=151645)
 
 
+def architecture(model) -> Qwen2Config:
+    """The architecture a run's `model` config section names: the demo's tiny model, or that
+    of an HF dir, jaxzero dir or Qwen2.5 hub id (read without loading weights)."""
+    if model.demo:
+        return demo_model_config(vocab_size=151936, layers=model.demo_layers,
+                                 hidden=model.demo_hidden, heads=model.demo_heads,
+                                 kv_heads=model.demo_kv_heads,
+                                 intermediate=model.demo_intermediate)
+    from jaxzero.model_config import resolve_model_config
+    return resolve_model_config(model.path)
+
+
 def warmup_target(diagnosis: str) -> str:
     return f"<think>\n{WARMUP_THINK}\n</think>\n<answer> {diagnosis} </answer>"
 

@@ -6,6 +6,7 @@ import jax
 
 from jaxzero.config import load_config
 from jaxzero.errors import ConfigError
+from jaxzero.demo import architecture
 from jaxzero.plan import PlanInputs, format_report, plan_memory
 from jaxzero.sharding import make_mesh
 
@@ -27,16 +28,7 @@ def run_plan_cli(args) -> None:
     if args.mesh:
         mesh_sizes.update(parse_mesh(args.mesh))
     mesh = make_mesh(**mesh_sizes)
-    if cfg.model.demo:
-        from jaxzero.demo import demo_model_config
-        m = cfg.model
-        model_config = demo_model_config(vocab_size=151936, layers=m.demo_layers,
-                                         hidden=m.demo_hidden, heads=m.demo_heads,
-                                         kv_heads=m.demo_kv_heads,
-                                         intermediate=m.demo_intermediate)
-    else:
-        from jaxzero.model_config import resolve_model_config
-        model_config = resolve_model_config(cfg.model.path)
+    model_config = architecture(cfg.model)
     inputs = PlanInputs(
         prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
         prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,

@@ -17,6 +17,7 @@ from jaxzero import config as config_lib
 from jaxzero import distributed, grpo
 from jaxzero.checkpoint import CheckpointStore
 from jaxzero.data_pipeline import PromptLoader
+from jaxzero.demo import architecture
 from jaxzero.errors import CheckpointError, ConfigError
 from jaxzero.metrics import MetricsWriter
 from jaxzero.model import ModelOptions, abstract_model, init_model
@@ -169,16 +170,7 @@ def _model_and_tokenizer(cfg, run_dir: Path):
     tokenizer = load_tokenizer(src)
     if distributed.is_main_process() and not tok_dir.exists():
         tokenizer.save_pretrained(tok_dir)
-    if cfg.model.demo:
-        from jaxzero.demo import demo_model_config
-        m = cfg.model
-        model_config = demo_model_config(vocab_size=151936, layers=m.demo_layers,
-                                         hidden=m.demo_hidden, heads=m.demo_heads,
-                                         kv_heads=m.demo_kv_heads,
-                                         intermediate=m.demo_intermediate)
-    else:
-        from jaxzero.model_config import resolve_model_config
-        model_config = resolve_model_config(cfg.model.path)
+    model_config = architecture(cfg.model)
     return model_config, tokenizer
 
 
