@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxzero import reward
 from jaxzero.response_analysis import analyze_response, summarize
+from jaxzero.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ def generate_texts(generate_fn, params, prompt_ids: list[list[int]], tokenizer,
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (min(batch_size, len(prompt_ids)) - real)
         out = generate_fn(params, chunk)
-        tokens, lens = np.asarray(out.tokens)[:real], np.asarray(out.lengths)[:real]
+        tokens, lens = to_host(out.tokens)[:real], to_host(out.lengths)[:real]
         texts += tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lens)],
                                         skip_special_tokens=True)
         lengths += [int(n) for n in lens]

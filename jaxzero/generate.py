@@ -12,7 +12,7 @@ from jaxzero.errors import JaxzeroError
 from jaxzero.model import ModelOptions, abstract_model
 from jaxzero.model_store import load_params, resolve_source
 from jaxzero.sampler import Sampler, finish_reasons
-from jaxzero.sharding import make_mesh, param_shardings
+from jaxzero.sharding import make_mesh, param_shardings, to_host
 from jaxzero.tokenizer import load_tokenizer, stop_token_ids
 
 
@@ -68,8 +68,8 @@ def run_generate_cli(args) -> None:
     sampler = model.sampler(args.max_new_tokens)
     out = sampler.generate(model.params, ids, key=jax.random.key(args.seed), n=args.n,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    logprobs, reasons = np.asarray(out.logprobs), finish_reasons(np.asarray(out.stopped))
+    tokens, lengths = to_host(out.tokens), to_host(out.lengths)
+    logprobs, reasons = to_host(out.logprobs), finish_reasons(to_host(out.stopped))
     for row in range(tokens.shape[0]):
         p, s = divmod(row, args.n)
         token_ids = tokens[row, : lengths[row]].tolist()

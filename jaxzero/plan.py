@@ -137,8 +137,8 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh) -> PlanRepo
     # Rollouts: one decode step over the whole (or micro-) batch with its KV cache.
     roll_b = inputs.rollout_micro_batch or b
     slots = length
-    cache = KVCache.empty(config, roll_b, slots, options.compute_dtype)
-    cache_abs = jax.eval_shape(lambda: cache)
+    cache_abs = jax.eval_shape(lambda: KVCache.empty(config, roll_b, slots,
+                                                     options.compute_dtype))
     cache_shard = KVCache(*(NamedSharding(mesh, jax.sharding.PartitionSpec(
         None, ("data", "fsdp"))) for _ in range(2)), batch_sharding(mesh, 2),
         NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -4,6 +4,7 @@ sampler, checkpoints and logs. The trainer loop only uses what this hands it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,7 @@ class Run:
     ref_params: Any
     sampler: Sampler
     loader: PromptLoader
+    train_records: list[dict]
     test_records: list[dict]
     writer: MetricsWriter
     store: CheckpointStore
@@ -55,6 +57,10 @@ class Run:
     total_steps: int
     lr_at: Callable[[int], float]
     last_texts: tuple = ()
+
+    @functools.cached_property
+    def record_index(self) -> dict[str, int]:
+        return {r["id"]: i for i, r in enumerate(self.train_records)}
 
     @property
     def tb_dir(self) -> Path:
@@ -190,7 +196,12 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
                            remat=cfg.model.remat == "block")
     graphdef, abstract = abstract_model(model_config, options)
-    loader = PromptLoader(train_records, batch_size=cfg.data.prompts_per_step,
+    if cfg.data.prompts_per_step % jax.process_count():
+        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} does not divide "
+                          f"over {jax.process_count()} processes")
+    # prompts_per_step is the global batch; each process reads its own share of it.
+    loader = PromptLoader(train_records,
+                          batch_size=cfg.data.prompts_per_step // jax.process_count(),
                           seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           num_epochs=cfg.trainer.total_epochs,
                           process_index=jax.process_index(), process_count=jax.process_count())
@@ -262,7 +273,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model_config=model_config,
                mesh=mesh, graphdef=graphdef, fns=fns, params=params, opt_state=opt_state,
                ref_params=ref_params, sampler=sampler, loader=loader,
-               test_records=test_records, writer=writer, store=store,
+               train_records=train_records, test_records=test_records, writer=writer, store=store,
                reward_worker=RewardWorker(tokenizer, reward_kwargs),
                reward_kwargs=reward_kwargs, base_key=base_key, start_step=start_step,
                total_steps=total_steps, lr_at=lambda s: float(schedule(s)))

@@ -193,3 +193,11 @@ def put_global(host_tree, shardings):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree.map(put, host_tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of a (possibly multi-host) global array, as numpy, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

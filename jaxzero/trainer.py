@@ -18,6 +18,7 @@ from jaxzero.evaluate import evaluate_records
 from jaxzero.metrics import console_line, samples_markdown
 from jaxzero.rollout import RewardWorker, advantages, response_mask, rollout_metrics
 from jaxzero.run_setup import Run, save_checkpoint, setup_run
+from jaxzero.sharding import to_host
 from jaxzero.train_step import TrainBatch
 
 
@@ -41,13 +42,24 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+def _global_batch(run: Run, records: list[dict]) -> list[dict]:
+    """Every process's prompts, in process order: the sampler's batch is global, and every
+    process must hand it the same values (each computes only its own devices' rows)."""
+    if jax.process_count() == 1:
+        return records
+    from jax.experimental import multihost_utils
+    local = np.array([run.record_index[r["id"]] for r in records], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1)
+    return [run.train_records[i] for i in every]
+
+
 def _sample_groups(run: Run, records, key):
-    """Rollouts for one batch of prompts: host arrays plus a pending reward future."""
+    """Rollouts for one global batch of prompts: host arrays plus a pending reward future."""
     cfg = run.cfg
     out = run.sample(run.params, [r["prompt_token_ids"] for r in records], key=key,
                      n=cfg.rollout.n, temperature=cfg.rollout.temperature,
                      top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    host = jax.tree.map(np.asarray, out)
+    host = jax.tree.map(to_host, out)
     labels = [r["labels"] for r in records for _ in range(cfg.rollout.n)]
     pending = run.reward_worker.submit(host.tokens, host.lengths, labels)
     return host, labels, pending
@@ -71,7 +83,7 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
     timings = {}
     t0 = time.perf_counter()
     key = jax.random.fold_in(run.base_key, step)
-    records = next(run.loader)
+    records = _global_batch(run, next(run.loader))
     host, _, pending = _sample_groups(run, records, jax.random.fold_in(key, 0))
     jax.block_until_ready(host.tokens)
     timings["time/rollout"] = time.perf_counter() - t0
@@ -84,7 +96,7 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
         while refills < cfg.grpo.max_refill_batches and \
                 _select_groups(candidates, n, len(records))[1] < len(records):
             refills += 1
-            more = next(run.loader)
+            more = _global_batch(run, next(run.loader))
             h, _, p = _sample_groups(run, more, jax.random.fold_in(key, refills))
             candidates.append((h, p.result()))
     chosen, informative = _select_groups(candidates, n, len(records))
@@ -138,7 +150,7 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
         "data/informative_groups": float(min(informative, len(records)) / len(records)),
     })
     out.update(timings)
-    generated = float(lengths_B.sum()) * jax.process_count()
+    generated = float(lengths_B.sum())
     out["perf/tokens_per_s"] = generated / max(timings["time/step"], 1e-9)
     out["perf/rollout_tokens_per_s"] = generated / max(timings["time/rollout"], 1e-9)
     run.last_texts = (texts, scores_B, [r["labels"] for r in records])
