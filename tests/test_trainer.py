@@ -148,3 +148,12 @@ def test_changed_config_is_refused(full_run):
     run_dir, _ = full_run
     with pytest.raises(ConfigError, match="optim.lr"):
         _run_in_process(run_dir, "trainer.max_steps=4", "optim.lr=0.5")
+
+
+def test_plot_writes_the_four_pngs(full_run, tmp_path):
+    from jaxzero.plot import plot_run
+    run_dir, _ = full_run
+    written = plot_run(run_dir, tmp_path)
+    assert sorted(p.name for p in written) == ["eval_accuracy.png", "kl.png", "response_length.png",
+                                               "reward.png"]
+    assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
