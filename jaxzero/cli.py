@@ -187,7 +187,14 @@ def _use_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow the options (`train CFG --resume rollout.n=8`).
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra != overrides or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     if args.command in ("train", "eval", "generate"):
         _use_compilation_cache()
     try:
