@@ -65,8 +65,8 @@ def test_demo_config():
     assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == \
         ("float32", "float32", "none")
     assert cfg.data.train_file is None and cfg.data.prompt_buckets == (256,)
-    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (8, 48, 40)
-    assert cfg.demo.warmup_steps == 60 and cfg.trainer.export_hf == "runs/demo/hf"
+    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (8, 40, 40)
+    assert cfg.demo.warmup_steps == 100 and cfg.trainer.export_hf == "runs/demo/hf"
     assert cfg.mesh.resolve(8) == (1, 8, 1)
 
 
@@ -85,7 +85,7 @@ def test_defaults(tmp_path):
         ("token-mean", "low_var_kl", None, 1)
     assert (cfg.optim.lr, cfg.optim.b2, cfg.optim.eps) == (3e-7, 0.999, 1e-8)
     assert (cfg.trainer.run_dir, cfg.trainer.keep_checkpoints) == ("runs/default", 3)
-    assert (cfg.demo.warmup_steps, cfg.demo.warmup_lr) == (0, 1e-3)
+    assert (cfg.demo.warmup_steps, cfg.demo.warmup_lr) == (0, 1e-2)
 
 
 def test_overrides_of_each_type(tmp_path):
