@@ -117,9 +117,12 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
 
     def loss_fn(params, mb: TrainBatch, norm):
         model = nnx.merge(graphdef, params)
-        logp_BR, ent_BR = completion_logprobs(
-            model, mb.tokens_BL, mb.valid_BL, response_len,
-            with_entropy=loss_config.entropy_coeff != 0.0, chunk=logit_chunk)
+        logp_BR, ent_BR = completion_logprobs(model, mb.tokens_BL, mb.valid_BL, response_len,
+                                              with_entropy=True, chunk=logit_chunk)
+        if loss_config.entropy_coeff == 0.0:
+            # Still logged (a collapsing entropy is the first sign of a dying run), but with
+            # no bonus it needs no gradient: the backward pass skips it.
+            ent_BR = jax.lax.stop_gradient(ent_BR)
         return grpo.grpo_loss(logp_BR, mb.old_logp_BR, mb.ref_logp_BR, mb.advantages_B,
                               mb.response_mask_BR, entropy_BT=ent_BR, config=loss_config,
                               norm=norm)

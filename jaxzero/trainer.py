@@ -197,12 +197,12 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
                     raise JaxzeroError(
                         f"{skips} consecutive updates had a non-finite loss or gradient norm; "
                         f"stopping. The last good checkpoint is {run.last_good_checkpoint()}")
+                run.writer.scalars(step, metrics)
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                    metrics.update(_evaluate(run, step))
+                    metrics.update(_evaluate(run, step))  # _evaluate logs its own scalars
                     texts, scores, labels = run.last_texts
                     run.writer.text(step, "train/samples", samples_markdown(
                         ["(training prompt)"] * 2, texts[:2], list(scores[:2]), labels[:2]))
-                run.writer.scalars(step, metrics)
                 if step % cfg.trainer.log_every == 0 and distributed.is_main_process():
                     log(console_line(step, metrics, CONSOLE_KEYS))
                 last = metrics

@@ -90,6 +90,9 @@ def test_tensorboard_has_scalars_text_and_hparams(full_run):
                 "eval/response_length_mean"):
         assert tag in scalars, tag
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
+    # Once per eval (eval_every=2, plus step 0), never twice for one step.
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2, 4]
+    assert all(e.value > 1.0 for e in acc.Scalars("losses/entropy"))  # nats, ~log(152k)
     texts = set(acc.Tags()["tensors"])
     assert {"eval/samples/text_summary", "hyperparameters/text_summary"} <= texts
     panel = acc.Tensors("eval/samples/text_summary")[0].tensor_proto.string_val[0].decode()
