@@ -66,8 +66,8 @@ def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], promp
 
 def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: list[str],
                       steps: int, lr: float, batch_size: int, correct_fraction: float,
-                      prompt_len: int,
-                      response_len: int, seed: int, log=print):
+                      prompt_len: int, response_len: int, logit_chunk: int = 128, seed: int,
+                      log=print):
     """Supervised format warm-up (a demo device): returns the new params and the final loss."""
     if steps <= 0:
         return params, float("nan")
@@ -78,10 +78,14 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     rng = np.random.default_rng(seed)
 
     def loss_fn(p, tokens, valid, mask):
-        logp, _ = completion_logprobs(nnx.merge(graphdef, p), tokens, valid, response_len)
+        logp, _ = completion_logprobs(nnx.merge(graphdef, p), tokens, valid, response_len,
+                                      chunk=logit_chunk)
         return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
-    @jax.jit
+    # The params keep the shardings they came with (the trainer's), whatever XLA would pick.
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+
+    @jax.jit(out_shardings=(param_shardings, None, None))
     def sft_step(p, o, tokens, valid, mask):
         loss, grads = jax.value_and_grad(loss_fn)(p, tokens, valid, mask)
         updates, o = optimizer.update(grads, o, p)

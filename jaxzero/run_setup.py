@@ -220,7 +220,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                                   kl_kind=g.kl_kind)
     fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
                                response_len=cfg.rollout.max_new_tokens,
-                               micro_batches=g.micro_batches)
+                               micro_batches=g.micro_batches, logit_chunk=g.logit_chunk)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
     ref_store = CheckpointStore(run_dir / "reference", keep=1)
     latest = store.latest_step()
@@ -252,7 +252,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                 batch_size=cfg.demo.warmup_batch,
                 correct_fraction=cfg.demo.warmup_correct_fraction,
                 prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
-                seed=cfg.trainer.seed, log=log)
+                logit_chunk=cfg.grpo.logit_chunk, seed=cfg.trainer.seed, log=log)
         opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
         start_step = 0
     ref_params = None
