@@ -11,7 +11,8 @@ comparison) and bfloat16; the script ends with one JSON line.
 
 Timings are best-of-`--repeats` whole generate calls (prefill included), after one warm-up
 call that compiles; the machine is shared, so a best is the least disturbed run. tunix needs
-`pip install --no-deps google-tunix` plus its import-time deps (see rollout_results.md).
+`pip install --no-deps google-tunix==0.1.7 google-metrax jaxtyping perfetto` (its full
+dependency list pulls tensorflow-datasets and more, none of which the sampler imports). Results and the exact command: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per system (best kept)")
-    p.add_argument("--hf-caches", default="dynamic,static",
-                   help="transformers cache implementations to try")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed rounds for the compiled systems (best kept); transformers: 1")
+    p.add_argument("--hf-caches", default="dynamic",
+                   help="transformers cache implementations; with several, a probe of "
+                        "--probe-tokens picks the faster (static and dynamic tie here: BENCHMARKS.md)")
+    p.add_argument("--probe-tokens", type=int, default=16,
+                   help="new tokens of the run that picks transformers' cache")
     p.add_argument("--xla-flags", default=None,
                    help="XLA_FLAGS for the jaxzero/tunix runs (default: leave the env's)")
+    p.add_argument("--jaxzero-cache-dtype", default=None,
+                   help="jaxzero's KV cache dtype (default: the compute dtype); float32 avoids "
+                        "XLA CPU's whole-cache f32 round trip on every bf16 cache write")
     p.add_argument("--skip-hardware", action="store_true",
                    help="skip the bandwidth/matmul probes (no roofline)")
     return p.parse_args(argv)
@@ -66,7 +74,7 @@ class Result:
     dtype: str
     generate_s: float          # best whole-generate time
     ttft_s: float              # prefill + first token
-    compile_s: float           # first call minus a steady call (jaxzero, tunix)
+    compile_s: float           # warm-up call minus a steady call
     tokens: int
     note: str = ""
 
@@ -80,91 +88,110 @@ def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(100, 150_000, rng.integers(64, 129)).tolist() for _ in range(count)]
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class System:
+    """One system in one dtype: `generate(new_tokens)` runs a whole blocking generate call."""
+
+    name = ""
+    note = ""
+    jit = True  # compiles on a first call: warm it up, time repeats, measure compile
+    def generate(self, new_tokens: int) -> None:
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- jaxzero
 
 
-def run_jaxzero(cfg: Qwen2Config, dtype: str, prompts, args) -> Result:
-    from flax import nnx
-    from jaxzero.model import ModelOptions, init_model
-    from jaxzero.sampler import Sampler
+class JaxzeroSystem(System):
+    name = "jaxzero"
 
-    dt = jnp.dtype(dtype)
-    graphdef, state = nnx.split(init_model(cfg, ModelOptions(param_dtype=dt, compute_dtype=dt)))
-    sampler = Sampler(graphdef, cfg, max_new_tokens=args.new_tokens, stop_ids=(NO_STOP,),
-                      pad_id=0, buckets=(128, 256))
+    def __init__(self, cfg: Qwen2Config, dtype: str, prompts, args):
+        from flax import nnx
+        from jaxzero.model import ModelOptions, init_model
+        from jaxzero.sampler import Sampler
+        dt = jnp.dtype(dtype)
+        self.graphdef, self.state = nnx.split(
+            init_model(cfg, ModelOptions(param_dtype=dt, compute_dtype=dt)))
+        self.samplers = {}
+        self.make = lambda r: Sampler(self.graphdef, cfg, max_new_tokens=r, stop_ids=(NO_STOP,),
+                                      pad_id=0, buckets=(128, 256),
+                                      cache_dtype=args.jaxzero_cache_dtype)
+        if args.jaxzero_cache_dtype:
+            self.note = f"cache_dtype={args.jaxzero_cache_dtype}"
+        self.prompts, self.n, self.calls = prompts, args.n, 0
 
-    def generate(new_tokens=None, key=0):
-        s = sampler if new_tokens is None else Sampler(
-            graphdef, cfg, max_new_tokens=new_tokens, stop_ids=(NO_STOP,), pad_id=0,
-            buckets=(128, 256))
-        out = s.generate(state, prompts, key=jax.random.key(key), n=args.n, temperature=1.0)
-        return jax.block_until_ready(out)
-
-    t0 = time.perf_counter()
-    generate()
-    first = time.perf_counter() - t0
-    gen_s = best(generate, args.repeats)
-    generate(new_tokens=1)  # compiles the 1-token variant
-    ttft = best(lambda: generate(new_tokens=1), args.repeats)
-    out = generate()
-    assert int(out.lengths.sum()) == len(prompts) * args.n * args.new_tokens
-    return Result("jaxzero", dtype, gen_s, ttft, first - gen_s,
-                  len(prompts) * args.n * args.new_tokens)
+    def generate(self, new_tokens: int) -> None:
+        sampler = self.samplers.setdefault(new_tokens, self.make(new_tokens))
+        self.calls += 1
+        out = sampler.generate(self.state, self.prompts, key=jax.random.key(self.calls),
+                               n=self.n, temperature=1.0)
+        jax.block_until_ready(out)
+        assert int(out.lengths.sum()) == len(self.prompts) * self.n * new_tokens
 
 
 # ----------------------------------------------------------------------------- transformers
 
 
-def _hf_model(cfg: Qwen2Config, dtype: str):
-    import torch
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
-    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items()
-                         if k not in ("architectures", "torch_dtype")})
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Qwen2ForCausalLM(hf_cfg).to(getattr(torch, dtype)).eval()
-    return model
+class TransformersSystem(System):
+    """transformers `generate` in PyTorch eager: the fastest thread count (OpenMP with both
+    cores collapses when other work shares them) and cache implementation found by probes."""
 
+    name = "transformers"
+    jit = False
 
-def run_transformers(cfg: Qwen2Config, dtype: str, prompts, args) -> Result:
-    import torch
-    from jaxzero.sampler import pad_prompts
-    torch.set_num_threads(os.cpu_count())
-    model = _hf_model(cfg, dtype)
-    tokens, valid = pad_prompts(prompts, max(map(len, prompts)), 0)
-    ids, mask = torch.tensor(tokens, dtype=torch.long), torch.tensor(valid, dtype=torch.long)
+    def __init__(self, cfg: Qwen2Config, dtype: str, prompts, args):
+        import torch
+        from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+        from jaxzero.sampler import pad_prompts
+        hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+                             if k not in ("architectures", "torch_dtype")})
+        torch.manual_seed(0)
+        self.model = Qwen2ForCausalLM(hf_cfg).to(getattr(torch, dtype)).eval()
+        tokens, valid = pad_prompts(prompts, max(map(len, prompts)), 0)
+        self.ids = torch.tensor(tokens, dtype=torch.long)
+        self.mask = torch.tensor(valid, dtype=torch.long)
+        self.n = args.n
+        self.threads = self._fastest_threads(len(prompts) * args.n)
+        torch.set_num_threads(self.threads)
+        speed = {}
+        caches = args.hf_caches.split(",")
+        for cache in caches if len(caches) > 1 else []:
+            self.cache = cache
+            speed[cache] = timed(lambda: self.generate(args.probe_tokens))
+        self.cache = min(speed, key=speed.get) if speed else caches[0]
+        self.note = f"threads={self.threads} cache={self.cache}" + "".join(
+            f"; {c}: {t:.1f} s for {args.probe_tokens} tokens" for c, t in speed.items())
 
-    def generate(cache, new_tokens):
+    def _fastest_threads(self, batch: int) -> int:
+        """Times a decode step of the whole batch at each thread count."""
+        import torch
+        step = {}
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                                 top_p=1.0, top_k=0, num_return_sequences=args.n,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 eos_token_id=None, pad_token_id=0, cache_implementation=cache)
-        assert out.shape == (len(prompts) * args.n, ids.shape[1] + new_tokens), out.shape
-        return out
+            cache = self.model(self.ids[:1].repeat(batch, 1)[:, :16], use_cache=True,
+                               logits_to_keep=1).past_key_values
+            one = self.ids[:1, :1].repeat(batch, 1)
+            for threads in sorted({1, os.cpu_count()}):
+                torch.set_num_threads(threads)
+                self.model(one, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                step[threads] = min(timed(lambda: self.model(
+                    one, past_key_values=cache, use_cache=True, logits_to_keep=1))
+                    for _ in range(2))
+        return min(step, key=step.get)
 
-    results = {}
-    for cache in args.hf_caches.split(","):
-        generate(cache, 4)  # warm-up
-        gen_s = best(lambda: generate(cache, args.new_tokens), max(1, args.repeats - 1))
-        results[cache] = gen_s
-        print(f"  transformers {dtype} cache={cache}: "
-              f"{len(prompts) * args.n * args.new_tokens / gen_s:.1f} tok/s", flush=True)
-    cache = min(results, key=results.get)
-    ttft = best(lambda: generate(cache, 1), args.repeats)
-    note = ", ".join(f"{c}: {len(prompts) * args.n * args.new_tokens / s:.1f} tok/s"
-                     for c, s in results.items())
-    return Result("transformers", dtype, results[cache], ttft, 0.0,
-                  len(prompts) * args.n * args.new_tokens, f"best cache={cache} ({note})")
+    def generate(self, new_tokens: int) -> None:
+        import torch
+        with torch.inference_mode():
+            out = self.model.generate(
+                self.ids, attention_mask=self.mask, do_sample=True, temperature=1.0, top_p=1.0,
+                top_k=0, num_return_sequences=self.n, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                cache_implementation=self.cache)
+        assert out.shape == (self.ids.shape[0] * self.n, self.ids.shape[1] + new_tokens)
 
 
 # ----------------------------------------------------------------------------- tunix
@@ -189,36 +216,76 @@ class _IdTokenizer:
         return 0
 
 
-def run_tunix(cfg: Qwen2Config, dtype: str, prompts, args) -> Result:
-    from flax import nnx
-    from tunix.generate import sampler as tunix_sampler
-    from tunix.models.qwen2 import model as tunix_qwen2
+class TunixSystem(System):
+    name = "tunix"
+    note = "no n: each prompt is repeated n times, so its prefill runs n times"
 
-    dt = jnp.dtype(dtype)
-    tcfg = dataclasses.replace(tunix_qwen2.ModelConfig.qwen2p5_0p5b(), dtype=dt, param_dtype=dt)
-    model = tunix_qwen2.Qwen2(tcfg, rngs=nnx.Rngs(params=0))
-    bucket = 128
-    sampler = tunix_sampler.Sampler(
-        model, _IdTokenizer(),
-        tunix_sampler.CacheConfig(cache_size=bucket + args.new_tokens, num_layers=cfg.num_hidden_layers,
-                                  num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim))
-    strings = [" ".join(map(str, p)) for p in prompts for _ in range(args.n)]
+    def __init__(self, cfg: Qwen2Config, dtype: str, prompts, args):
+        from flax import nnx
+        from tunix.generate import sampler as tunix_sampler
+        from tunix.models.qwen2 import model as tunix_qwen2
+        dt = jnp.dtype(dtype)
+        tcfg = dataclasses.replace(tunix_qwen2.ModelConfig.qwen2p5_0p5b(), dtype=dt,
+                                   param_dtype=dt)
+        model = tunix_qwen2.Qwen2(tcfg, rngs=nnx.Rngs(params=0))
+        self.bucket = 128
+        self.sampler = tunix_sampler.Sampler(model, _IdTokenizer(), tunix_sampler.CacheConfig(
+            cache_size=self.bucket + args.new_tokens, num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim))
+        self.strings = [" ".join(map(str, p)) for p in prompts for _ in range(args.n)]
+        self.calls = 0
 
-    def generate(new_tokens, seed=0):
-        out = sampler(strings, max_generation_steps=new_tokens, max_prompt_length=bucket,
-                      eos_tokens=[NO_STOP], temperature=1.0, top_p=1.0, top_k=None, seed=seed)
+    def generate(self, new_tokens: int) -> None:
+        self.calls += 1
+        out = self.sampler(self.strings, max_generation_steps=new_tokens,
+                           max_prompt_length=self.bucket, eos_tokens=[NO_STOP],
+                           temperature=1.0, top_p=1.0, top_k=None, seed=self.calls)
         assert all(len(t) == new_tokens for t in out.tokens), [len(t) for t in out.tokens]
-        return out
 
-    t0 = time.perf_counter()
-    generate(args.new_tokens)
-    first = time.perf_counter() - t0
-    gen_s = best(lambda: generate(args.new_tokens), args.repeats)
-    generate(1)
-    ttft = best(lambda: generate(1), args.repeats)
-    return Result("tunix", dtype, gen_s, ttft, first - gen_s,
-                  len(prompts) * args.n * args.new_tokens,
-                  "no n: each prompt is repeated n times, so its prefill runs n times")
+
+SYSTEM_CLASSES = {"jaxzero": JaxzeroSystem, "transformers": TransformersSystem,
+                  "tunix": TunixSystem}
+
+
+def run_dtype(cfg: Qwen2Config, dtype: str, systems: list[str], prompts, args) -> list[Result]:
+    """Builds and warms every system in `dtype`, then times them in interleaved rounds, so a
+    burst of load from other work on the machine hits all of them alike.
+
+    TTFT is a whole generate call of one new token (prefill + first token), after a warm-up
+    of that shape for the systems that compile. transformers has no compile to exclude and
+    a long eager generate, so it gets a single timed run and its TTFT call doubles as warm-up.
+    """
+    built, first_s, ttft_s = {}, {}, {}
+    for name in systems:
+        try:
+            t0 = time.perf_counter()
+            system = SYSTEM_CLASSES[name](cfg, dtype, prompts, args)
+            build = time.perf_counter() - t0
+            if system.jit:
+                first_s[name] = timed(lambda: system.generate(args.new_tokens))
+                system.generate(1)
+            ttft_s[name] = timed(lambda: system.generate(1))
+            built[name] = system
+            print(f"  {name} {dtype}: built in {build:.0f} s, first call "
+                  f"{first_s.get(name, 0.0):.1f} s, TTFT {ttft_s[name]:.2f} s", flush=True)
+        except Exception as e:  # report it and go on with the other systems
+            print(f"{name} {dtype}: FAILED {type(e).__name__}: {e}", flush=True)
+    best_s = {name: float("inf") for name in built}
+    for round_ in range(args.repeats):
+        for name, system in built.items():
+            if round_ and not system.jit:
+                continue
+            t = timed(lambda: system.generate(args.new_tokens))
+            best_s[name] = min(best_s[name], t)
+            print(f"  round {round_} {name} {dtype}: {t:.2f} s (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+    tokens = len(prompts) * args.n * args.new_tokens
+    results = [Result(name, dtype, best_s[name], ttft_s[name],
+                      max(first_s.get(name, best_s[name]) - best_s[name], 0.0), tokens,
+                      system.note) for name, system in built.items()]
+    built.clear()
+    gc.collect()
+    return results
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -254,7 +321,6 @@ def main(args) -> None:
     prompts = make_prompts(args.prompts)
     systems = args.systems.split(",")
     dtypes = args.dtypes.split(",")
-    runners = {"jaxzero": run_jaxzero, "transformers": run_transformers, "tunix": run_tunix}
     print(f"rollout: {args.prompts} prompts x {args.n} samples, prompt lengths "
           f"{min(map(len, prompts))}-{max(map(len, prompts))}, {args.new_tokens} new tokens; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {os.cpu_count()} CPUs", flush=True)
@@ -262,20 +328,12 @@ def main(args) -> None:
     if hw:
         print("hardware: " + ", ".join(f"{k}={v:.3g}" for k, v in hw.items()), flush=True)
     results: list[Result] = []
-    for system in systems:
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            try:
-                r = runners[system](cfg, dtype, prompts, args)
-            except Exception as e:  # report and go on with the other systems
-                print(f"{system} {dtype}: FAILED {type(e).__name__}: {e}", flush=True)
-                continue
-            finally:
-                gc.collect()
+    for dtype in dtypes:
+        for r in run_dtype(cfg, dtype, systems, prompts, args):
             results.append(r)
-            print(f"{system:12s} {dtype:9s} {r.tokens_per_s:8.1f} tok/s  generate "
+            print(f"{r.system:12s} {dtype:9s} {r.tokens_per_s:8.1f} tok/s  generate "
                   f"{r.generate_s:7.2f} s  TTFT {r.ttft_s:6.2f} s  compile {r.compile_s:6.1f} s"
-                  f"  (wall {time.perf_counter() - t0:.0f} s) {r.note}", flush=True)
+                  f"  {r.note}", flush=True)
 
     f32 = {r.system: round(r.tokens_per_s, 1) for r in results if r.dtype == "float32"}
     best_tps = {}
