@@ -36,7 +36,7 @@ def _convert(args) -> None:
 
 
 def _train(args) -> None:
-    from jaxzero.config import load_config
+    from jaxzero.config_yaml import load_config
     cfg = load_config(args.config, args.overrides)
     from jaxzero import distributed
     distributed.initialize()

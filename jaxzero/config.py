@@ -1,4 +1,6 @@
-"""Typed run config: one frozen dataclass per concern, loaded strictly from YAML plus overrides."""
+"""Typed run config: one frozen dataclass per concern, built strictly from nested mappings.
+
+Reading YAML files and command-line overrides into these is `config_yaml`."""
 
 from __future__ import annotations
 
@@ -7,13 +9,9 @@ import difflib
 import functools
 import json
 import math
-import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
-
-import yaml
 
 from jaxzero.errors import ConfigError
 
@@ -44,7 +42,7 @@ class _Section:
 
     def _require(self, ok: bool, key: str, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{self.section}.{key}={_show(getattr(self, key))}: {rule}")
+            raise ConfigError(f"{self.section}.{key}={show_value(getattr(self, key))}: {rule}")
 
     def _at_least(self, bound: int, *keys: str) -> None:
         for key in keys:
@@ -362,7 +360,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, tp)
     except _Mismatch:
         kind = {str: " (a string)", list: " (a list)", dict: " (a mapping)"}.get(type(value), "")
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}{kind}") from None
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {show_value(value)}{kind}") from None
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -396,7 +394,7 @@ def _type_name(tp: Any) -> str:
     return _SCALARS[tp][0]
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value as YAML spells it: null, true, 0.5, 'text', [1, 2]."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
@@ -422,7 +420,7 @@ def _unknown_key(section: str | None, key: Any) -> ConfigError:
     return ConfigError(f"unknown key {f'{section}.{key}' if section else key!r}; {hint}")
 
 
-def _check_keys(raw: dict) -> None:
+def check_keys(raw: dict) -> None:
     """Raises on the first unknown section or field of a raw {section: {field: value}}."""
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -436,13 +434,13 @@ def config_from_dict(d: dict) -> RunConfig:
     """The typed config of a nested mapping {section: {field: value}}; absent fields default."""
     if not isinstance(d, dict):
         raise ConfigError(f"the top level must be a mapping of sections "
-                          f"({', '.join(SECTIONS)}), got {_show(d)}")
-    _check_keys(d)
+                          f"({', '.join(SECTIONS)}), got {show_value(d)}")
+    check_keys(d)
     sections = {}
     for name, cls in SECTIONS.items():
         raw = d.get(name, {})  # a section left out takes every default
         if not isinstance(raw, dict):
-            raise ConfigError(f"section {name!r} must be a mapping of keys, got {_show(raw)}")
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {show_value(raw)}")
         sections[name] = cls(**raw)
     return RunConfig(**sections)
 
@@ -464,103 +462,3 @@ def diff_configs(a: RunConfig, b: RunConfig) -> list[str]:
     """Dotted keys whose values differ between two configs, in declaration order."""
     flat_a, flat_b = flatten(a), flatten(b)
     return [k for k in flat_a if flat_a[k] != flat_b[k]]
-
-
-# ---- YAML -----------------------------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-6` as a string; this loader reads it as a float, and rejects
-    duplicate keys instead of keeping the last."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value in seen:
-                raise ConfigError(f"duplicate key {key_node.value!r} at line "
-                                  f"{key_node.start_mark.line + 1}")
-            seen.add(key_node.value if isinstance(key_node, yaml.ScalarNode) else None)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
-
-
-def _read_layers(path: Path, seen: tuple[Path, ...]) -> dict:
-    """The file's mapping merged over its `base:` chain, each layer's keys checked."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}"
-                          + (f" (base of {seen[-1]})" if seen else ""))
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: `base` chain loops: "
-                          + " -> ".join(str(p) for p in (*seen, path.resolve())))
-    raw = _parse_yaml(path.read_text(), str(path))
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections "
-                          f"({', '.join(SECTIONS)}), got {_show(raw)}")
-    base = raw.pop("base", None)
-    try:
-        _check_keys(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected a path to another YAML file, got {_show(base)}")
-    return _merge(_read_layers(path.parent / base, (*seen, path.resolve())), raw)
-
-
-def _merge(under: dict, over: dict) -> dict:
-    out = dict(under)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _apply_override(raw: dict, text: str) -> dict:
-    key, sep, value_text = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {text!r}: write KEY=VALUE, e.g. rollout.n=8")
-    section, _, field = key.partition(".")
-    if "." in field:
-        raise ConfigError(f"override {text!r}: keys are section.field, e.g. rollout.n")
-    value = _parse_yaml(value_text, f"override {text!r}")
-    patch = {section: {field: value} if field else value}
-    try:
-        _check_keys(patch)
-    except ConfigError as err:
-        raise ConfigError(f"override {text!r}: {err}") from None
-    return _merge(raw, patch)
-
-
-def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> RunConfig:
-    """A YAML config (and its `base:` chain) with dotted KEY=VALUE overrides applied in order.
-
-    Override values are YAML: `rollout.n=8`, `grpo.clip_c=null`, `data.prompt_buckets=[128,256]`.
-    """
-    path, overrides = Path(path), list(overrides)
-    raw = _read_layers(path, ())
-    for text in overrides:
-        raw = _apply_override(raw, text)
-    try:
-        return config_from_dict(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}{' with overrides' if overrides else ''}: {err}") from None
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Writes the full effective config (every field) as YAML that `load_config` reads back."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

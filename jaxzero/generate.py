@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxzero.errors import JaxzeroError
 from jaxzero.model import ModelOptions, abstract_model

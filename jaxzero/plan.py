@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxzero import grpo
 from jaxzero.model import KVCache, ModelOptions, abstract_model
 from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import batch_sharding, bytes_per_device, param_shardings
+from jaxzero.sharding import batch_sharding, bytes_per_device
 from jaxzero.train_step import TrainBatch, build_step_functions, make_optimizer
 
 GiB = 1024 ** 3

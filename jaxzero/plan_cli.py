@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxzero.config import load_config
+from jaxzero.config_yaml import load_config
 from jaxzero.errors import ConfigError
 from jaxzero.demo import architecture
 from jaxzero.plan import PlanInputs, format_report, plan_memory

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxzero import config as config_lib
-from jaxzero import distributed, grpo
+from jaxzero import config_yaml, distributed, grpo
 from jaxzero.checkpoint import CheckpointStore
 from jaxzero.data_pipeline import PromptLoader
 from jaxzero.demo import architecture
@@ -25,7 +25,7 @@ from jaxzero.model import ModelOptions, abstract_model, init_model
 from jaxzero.model_config import Qwen2Config
 from jaxzero.rollout import RewardWorker
 from jaxzero.sampler import Sampler
-from jaxzero.sharding import batch_sharding, make_mesh, param_shardings, put_global
+from jaxzero.sharding import batch_sharding, make_mesh, put_global
 from jaxzero.train_step import (build_step_functions, init_opt_state, lr_schedule,
                                 make_optimizer)
 
@@ -115,7 +115,7 @@ def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> No
             if distributed.is_main_process():
                 shutil.rmtree(run_dir)
         else:
-            diff = [k for k in config_lib.diff_configs(config_lib.load_config(saved), cfg)
+            diff = [k for k in config_lib.diff_configs(config_yaml.load_config(saved), cfg)
                     if k not in RESUMABLE_KEYS]
             if diff:
                 raise ConfigError(
@@ -126,7 +126,7 @@ def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> No
         raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save_config(cfg, saved)
+        config_yaml.save_config(cfg, saved)
 
 
 def _load_data(cfg, run_dir: Path, tokenizer):

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxzero import grpo
-from jaxzero.sharding import BATCH, batch_sharding, follow_params, param_shardings, replicated
+from jaxzero.sharding import batch_sharding, follow_params, param_shardings, replicated
 
 
 class TrainBatch(NamedTuple):

@@ -16,7 +16,7 @@ from jaxzero import distributed
 from jaxzero.errors import JaxzeroError
 from jaxzero.evaluate import evaluate_records
 from jaxzero.metrics import console_line, samples_markdown
-from jaxzero.rollout import RewardWorker, advantages, response_mask, rollout_metrics
+from jaxzero.rollout import advantages, response_mask, rollout_metrics
 from jaxzero.run_setup import Run, save_checkpoint, setup_run
 from jaxzero.sharding import to_host
 from jaxzero.train_step import TrainBatch

@@ -8,7 +8,8 @@ import yaml
 
 from jaxzero.config import (SECTIONS, DataConfig, GRPOConfig, MeshConfig, ModelConfig,
                             RolloutConfig, RunConfig, config_from_dict, config_to_dict,
-                            diff_configs, flatten, load_config, save_config)
+                            diff_configs, flatten)
+from jaxzero.config_yaml import load_config, save_config
 from jaxzero.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

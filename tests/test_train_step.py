@@ -6,7 +6,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxzero import grpo
 from jaxzero.model import init_model
 from jaxzero.sharding import make_mesh
 from jaxzero.train_step import build_step_functions, init_opt_state, make_optimizer

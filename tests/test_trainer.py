@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxzero.checkpoint import CheckpointStore
-from jaxzero.config import load_config
+from jaxzero.config_yaml import load_config
 from jaxzero.plot import read_scalars
 from jaxzero.trainer import train
 
