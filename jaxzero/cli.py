@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + overrides
     if args.command in ("train", "eval", "generate"):
         _use_compilation_cache()
+    # transformers serves only tokenizers and config files here: its advice that PyTorch is
+    # missing is noise (torch is never a runtime dependency of jaxzero).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         args.func(args)
     except JaxzeroError as err:
@@ -210,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(f"jaxzero {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # an incomplete install: say what to install, not where
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"jaxzero {args.command}: error: a dependency is missing: {err} "
+                  "(reinstall jaxzero with `pip install -e .` to get all of them)",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxzero {args.command}: interrupted", file=sys.stderr)

@@ -41,6 +41,16 @@ def test_missing_data_file(capsys, tmp_path):
     assert "RDC.json" in err
 
 
+def test_missing_dependency_is_one_line(capsys, monkeypatch):
+    import jaxzero.rarearena
+
+    def missing(*_, **__):
+        raise ImportError("apply_chat_template requires jinja2 to be installed")
+    monkeypatch.setattr(jaxzero.rarearena, "prepare_data", missing)
+    err = _error(capsys, ["prepare-data", "in.json", "out"])
+    assert "a dependency is missing" in err and "jinja2" in err and "pip install" in err
+
+
 def test_mesh_that_does_not_match_the_devices(capsys, tmp_path):
     err = _error(capsys, ["train", DEMO, "mesh.data=3", "mesh.fsdp=1",
                           f"trainer.run_dir={tmp_path}"])
