@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,17 +39,15 @@ from jaxzero.model import KVCache, ModelOptions, init_model
 from jaxzero.model_config import preset
 from jaxzero.sampler import Sampler, SamplingParams, sample_token
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.hardware import best_seconds  # noqa: E402
+
 BATCH, SLOTS, FILLED = 32, 256, 200
 
 
 def best_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    """Best of `repeats` calls of `fn` (its result waited for) after one warm-up, in ms."""
+    return 1e3 * best_seconds(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def main(argv=None) -> None:

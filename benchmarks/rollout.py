@@ -296,8 +296,10 @@ def roofline(cfg: Qwen2Config, dtype: str, batch: int, prompt_len: int, new_toke
     """Per decode step, averaged over the steps: bytes of weights and KV cache read over the
     measured XLA read bandwidth, and FLOPs over the measured XLA matmul rate."""
     item = jnp.dtype(dtype).itemsize
-    params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # the embedding gather is tiny
-    params += cfg.vocab_size * cfg.hidden_size  # ... but the (tied) lm_head reads all of it
+    # Every weight is read once per step, except an untied embedding: its row gather is tiny
+    # (a tied one is the lm_head, which reads all of it).
+    params = cfg.num_params() - (0 if cfg.tie_word_embeddings else
+                                 cfg.vocab_size * cfg.hidden_size)
     kv_slots = prompt_len + new_tokens / 2  # average cache length over the decode
     kv_bytes = 2 * cfg.num_hidden_layers * batch * kv_slots * cfg.num_key_value_heads * \
         cfg.head_dim * item

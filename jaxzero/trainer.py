@@ -218,7 +218,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
     finally:
         run.close()
     if distributed.is_main_process() and len(rewards) >= 4:
-        k = max(len(rewards) // 4, 1)
+        k = len(rewards) // 4
         log(f"mean reward: first {k} steps {np.mean(rewards[:k]):.3f} -> "
             f"last {k} steps {np.mean(rewards[-k:]):.3f}")
     if distributed.is_main_process():

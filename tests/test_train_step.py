@@ -13,21 +13,25 @@ from jaxzero.train_step import build_step_functions, init_opt_state, make_optimi
 from test_sharding import CFG, LOSS, R, _batch
 
 
-def _update(loss_config):
+def _update(loss_config, **step_options):
+    """(log-probs, update metrics, updated params) of one update from a fresh model."""
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    graphdef, params = nnx.split(init_model(CFG, seed=1))
+    graphdef, params = nnx.split(init_model(CFG, seed=1))  # fresh: the update donates
     optimizer = make_optimizer(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                grad_clip=None)
-    fns = build_step_functions(graphdef, params, optimizer, loss_config, mesh, response_len=R)
+    fns = build_step_functions(graphdef, params, optimizer, loss_config, mesh, response_len=R,
+                               **step_options)
     params = jax.device_put(params, fns.param_shardings)
+    batch = _batch()
+    logp = fns.logprobs(params, batch.tokens_BL, batch.valid_BL)
     new_params, _, metrics = fns.update(params, init_opt_state(optimizer, params,
-                                                               fns.opt_shardings), _batch())
-    return jax.device_get(metrics), jax.device_get(new_params)
+                                                               fns.opt_shardings), batch)
+    return jax.device_get((logp, metrics, new_params))
 
 
 def test_entropy_is_logged_without_a_bonus_and_trained_only_with_one():
-    with_bonus, params_bonus = _update(LOSS)
-    without, params_plain = _update(dataclasses.replace(LOSS, entropy_coeff=0.0))
+    _, with_bonus, params_bonus = _update(LOSS)
+    _, without, params_plain = _update(dataclasses.replace(LOSS, entropy_coeff=0.0))
     # Near log(V) for a random model; the same figure whether or not it is in the loss.
     assert 0.5 * np.log(CFG.vocab_size) < without["entropy"] <= np.log(CFG.vocab_size)
     np.testing.assert_allclose(without["entropy"], with_bonus["entropy"], rtol=1e-6)
@@ -41,20 +45,7 @@ def test_entropy_is_logged_without_a_bonus_and_trained_only_with_one():
 def test_logit_chunk_changes_no_result():
     """Chunks of 1, 4 (the last one padded) and all 6 positions: the same log-probs, metrics
     and updated parameters."""
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    optimizer = make_optimizer(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                               grad_clip=None)
-    batch = _batch()
-    results = []
-    for chunk in (1, 4, R):
-        graphdef, params = nnx.split(init_model(CFG, seed=1))  # fresh: the update donates
-        fns = build_step_functions(graphdef, params, optimizer, LOSS, mesh, response_len=R,
-                                   logit_chunk=chunk, micro_batches=2)
-        params = jax.device_put(params, fns.param_shardings)
-        logp = fns.logprobs(params, batch.tokens_BL, batch.valid_BL)
-        new_params, _, metrics = fns.update(
-            params, init_opt_state(optimizer, params, fns.opt_shardings), batch)
-        results.append(jax.device_get((logp, metrics, new_params)))
+    results = [_update(LOSS, logit_chunk=chunk, micro_batches=2) for chunk in (1, 4, R)]
     for other in results[1:]:
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
