@@ -33,8 +33,8 @@ def write_checkpoint(path: Path, seed: int = 0) -> int:
     """A random bf16 HF checkpoint of the preset's shapes; returns its bytes on disk."""
     import jax.numpy as jnp
 
-    from jaxzero import hf_io
-    from jaxzero.model_config import preset
+    from jaxzero.io import hf as hf_io
+    from jaxzero.model.config import preset
 
     config = preset("qwen2.5-0.5b")
     rng = np.random.default_rng(seed)
@@ -59,7 +59,7 @@ def save_uncompressed(hf_dir: Path, out: Path) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from jaxzero import hf_io
+    from jaxzero.io import hf as hf_io
 
     _, state = hf_io.load_hf_checkpoint(hf_dir, param_dtype="bfloat16")
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
@@ -93,7 +93,7 @@ def main() -> None:
     if args.probe_load:
         import jax
 
-        from jaxzero import hf_io
+        from jaxzero.io import hf as hf_io
         jax.block_until_ready(hf_io.load_hf_checkpoint(args.probe_load, param_dtype="bfloat16"))
         return
     if args.probe_uncompressed:
@@ -110,7 +110,7 @@ def main() -> None:
         if not (hf_dir / "model.safetensors").is_file():
             peak_rss([env_python, __file__, "--write-checkpoint", str(hf_dir)], work / "write.log")
         ckpt_bytes = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
-        imports, _ = peak_rss([env_python, "-c", "import jaxzero.model_store, jax; "
+        imports, _ = peak_rss([env_python, "-c", "import jaxzero.io.model_dir, jax; "
                                "jax.numpy.zeros(1).block_until_ready()"], work / "imports.log")
         to_jax, to_jax_s = peak_rss([env_python, "-m", "jaxzero.cli", "convert", "hf-to-jax",
                                      str(hf_dir), str(jz_dir), "--dtype", "bfloat16"],

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxzero.model import KVCache, ModelOptions, init_model
-from jaxzero.model_config import preset
-from jaxzero.sampler import Sampler, SamplingParams, sample_token
+from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
+from jaxzero.model.config import preset
+from jaxzero.model.sampler import Sampler, SamplingParams, sample_token
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hardware import best_seconds  # noqa: E402

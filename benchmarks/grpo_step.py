@@ -88,14 +88,14 @@ def parse_args(argv=None):
 
 
 def model_config():
-    from jaxzero.model_config import preset
+    from jaxzero.model.config import preset
     return preset(PRESET)
 
 
 def make_prompts(tokenizer, count: int, max_len: int):
     """(token ids, labels) of `count` chat prompts of at most max_len tokens, the longest exactly
     max_len when the case allows: demo cases cut word by word to fit."""
-    from jaxzero.demo_data import demo_cases_path
+    from jaxzero.diagnosis.demo_data import demo_cases_path
     cases = [json.loads(line) for line in demo_cases_path().read_text("utf-8").splitlines()]
     out = []
     for case in (cases * (count // len(cases) + 1))[:count]:
@@ -132,7 +132,7 @@ def update_flops(cfg, rows: int, prompt_len: int, new_tokens: int) -> float:
 
 
 def load_tokenizer():
-    from jaxzero.tokenizer import demo_tokenizer_dir, load_tokenizer as load
+    from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer as load
     return load(demo_tokenizer_dir())
 
 
@@ -145,12 +145,13 @@ def run_jaxzero(args, dtype: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxzero import grpo, reward
-    from jaxzero.model import ModelOptions, init_model
-    from jaxzero.rollout import advantages, response_mask
-    from jaxzero.sampler import Sampler
-    from jaxzero.sharding import batch_sharding, make_mesh, put_global
-    from jaxzero.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+    from jaxzero.rl import grpo
+    from jaxzero.diagnosis import reward
+    from jaxzero.model.qwen2 import ModelOptions, init_model
+    from jaxzero.rl.rollout import advantages, response_mask
+    from jaxzero.model.sampler import Sampler
+    from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
+    from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
     cfg = model_config()
     tokenizer = load_tokenizer()
@@ -240,7 +241,7 @@ def run_trl(args, dtype: str) -> dict:
     from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from jaxzero import reward
+    from jaxzero.diagnosis import reward
 
     torch.set_num_threads(os.cpu_count())
     cfg = model_config()

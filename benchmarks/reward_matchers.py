@@ -19,8 +19,8 @@ import random
 import statistics
 import time
 
-from jaxzero import reward
-from jaxzero.response_analysis import analyze_response, summarize
+from jaxzero.diagnosis import reward
+from jaxzero.diagnosis.analysis import analyze_response, summarize
 
 # (name, a broader class it belongs to). The classes stand in for hypernyms: a model that
 # answers "vasculitis" for Takayasu arteritis is right in kind but not in the name.

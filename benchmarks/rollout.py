@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import hardware  # noqa: E402
-from jaxzero.model_config import Qwen2Config, preset  # noqa: E402
+from jaxzero.model.config import Qwen2Config, preset  # noqa: E402
 
 NO_STOP = -1  # a token id no model emits: "stop tokens ignored"
 
@@ -112,8 +112,8 @@ class JaxzeroSystem(System):
 
     def __init__(self, cfg: Qwen2Config, dtype: str, prompts, args):
         from flax import nnx
-        from jaxzero.model import ModelOptions, init_model
-        from jaxzero.sampler import Sampler
+        from jaxzero.model.qwen2 import ModelOptions, init_model
+        from jaxzero.model.sampler import Sampler
         dt = jnp.dtype(dtype)
         self.graphdef, self.state = nnx.split(
             init_model(cfg, ModelOptions(param_dtype=dt, compute_dtype=dt)))
@@ -147,7 +147,7 @@ class TransformersSystem(System):
     def __init__(self, cfg: Qwen2Config, dtype: str, prompts, args):
         import torch
         from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
-        from jaxzero.sampler import pad_prompts
+        from jaxzero.model.sampler import pad_prompts
         hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items()
                              if k not in ("architectures", "torch_dtype")})
         torch.manual_seed(0)

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxzero import grpo
-from jaxzero.model import init_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import batch_sharding, make_mesh, put_global
-from jaxzero.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+from jaxzero.rl import grpo
+from jaxzero.model.qwen2 import init_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
+from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
 CFG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)

@@ -14,7 +14,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 os.environ.update(JAXZERO_COORDINATOR=f"127.0.0.1:{port}", JAXZERO_NUM_PROCESSES="2",
                   JAXZERO_PROCESS_ID=str(process_id))
 
-from jaxzero import distributed  # noqa: E402
+from jaxzero.parallel import distributed  # noqa: E402
 
 distributed.initialize()
 

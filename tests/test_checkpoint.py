@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxzero.checkpoint import CheckpointStore
+from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.errors import CheckpointError
 
 
@@ -184,7 +184,7 @@ CRASHING_SAVER = textwrap.dedent("""
     import sys, time
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from jaxzero.checkpoint import CheckpointStore
+    from jaxzero.io.checkpoint import CheckpointStore
 
     directory, method, target = sys.argv[1:]
     store = CheckpointStore(directory)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxzero.cli import build_parser, main
+from jaxzero.cli.main import build_parser, main
 
 DEMO = "configs/demo.yaml"
 
@@ -42,11 +42,11 @@ def test_missing_data_file(capsys, tmp_path):
 
 
 def test_missing_dependency_is_one_line(capsys, monkeypatch):
-    import jaxzero.rarearena
+    import jaxzero.diagnosis.rarearena
 
     def missing(*_, **__):
         raise ImportError("apply_chat_template requires jinja2 to be installed")
-    monkeypatch.setattr(jaxzero.rarearena, "prepare_data", missing)
+    monkeypatch.setattr(jaxzero.diagnosis.rarearena, "prepare_data", missing)
     err = _error(capsys, ["prepare-data", "in.json", "out"])
     assert "a dependency is missing" in err and "jinja2" in err and "pip install" in err
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxzero.config import (SECTIONS, DataConfig, GRPOConfig, MeshConfig, ModelConfig,
+from jaxzero.config.schema import (SECTIONS, DataConfig, GRPOConfig, MeshConfig, ModelConfig,
                             RolloutConfig, RunConfig, config_from_dict, config_to_dict,
                             diff_configs, flatten)
-from jaxzero.config_yaml import load_config, save_config
+from jaxzero.config.files import load_config, save_config
 from jaxzero.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from jaxzero.data_pipeline import PromptLoader
+from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, DataError
 
 DISEASES = ["Erdheim-Chester disease", "Fabry disease", "Takayasu arteritis",

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from jaxzero.demo_data import demo_cases_path
+from jaxzero.diagnosis.demo_data import demo_cases_path
 
 SCHEMA = {"_id": str, "case_report": str, "test_results": str, "diagnosis": str,
           "Orpha_name": str, "Orpha_id": int, "age": str, "gender": str, "pub_date": str}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
 
-from jaxzero.cli import main
-from jaxzero.tokenizer import demo_tokenizer_dir, load_tokenizer
+from jaxzero.cli.main import main
+from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HYPERNYMS = [
@@ -87,9 +87,9 @@ def test_local_judge_runs_through_the_sampler(tiny_hf, tmp_path):
     parsed, so each verdict is an explicit "unparsed", cached, and free on a re-run."""
     from argparse import Namespace
 
-    from jaxzero.config import RewardConfig
-    from jaxzero.evaluate import _judge
-    from jaxzero.judge import JudgeItem
+    from jaxzero.config.schema import RewardConfig
+    from jaxzero.diagnosis.evaluate import _judge
+    from jaxzero.diagnosis.judge import JudgeItem
     args = Namespace(judge="local", judge_model=str(tiny_hf), judge_url=None,
                      judge_api_key_env="OPENAI_API_KEY", dtype="float32", batch_size=2,
                      judge_max_new_tokens=8)

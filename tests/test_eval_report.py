@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from jaxzero.config import RewardConfig
-from jaxzero.eval_report import (TOP5_TEMPLATE, CaseResult, ranked_answers, render_markdown,
+from jaxzero.config.schema import RewardConfig
+from jaxzero.diagnosis.report import (TOP5_TEMPLATE, CaseResult, ranked_answers, render_markdown,
                                  score_checkpoint, summarize_checkpoint, top5_prompt,
                                  write_report)
-from jaxzero.hypernyms import load_hypernyms
-from jaxzero.judge import JUDGE_PROMPT_VERSION, RuleJudge, Verdict
-from jaxzero.rarearena import PLACEHOLDER
-from jaxzero.response_analysis import analyze_response
+from jaxzero.diagnosis.hypernyms import load_hypernyms
+from jaxzero.diagnosis.judge import JUDGE_PROMPT_VERSION, RuleJudge, Verdict
+from jaxzero.diagnosis.rarearena import PLACEHOLDER
+from jaxzero.diagnosis.analysis import analyze_response
 
 OK = "<think>tall, lens dislocation</think>\n<answer>Marfan syndrome</answer>"
 NO_THINK = "<answer>Marfan syndrome</answer>"

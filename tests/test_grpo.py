@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxzero import grpo
+from jaxzero.rl import grpo
 
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")

@@ -13,10 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from jaxzero import hf_io
+from jaxzero.io import hf as hf_io
 from jaxzero.errors import CheckpointError
-from jaxzero.model import abstract_model
-from jaxzero.model_config import Qwen2Config
+from jaxzero.model.qwen2 import abstract_model
+from jaxzero.model.config import Qwen2Config
 
 FAKE_TOKENIZER = {"tokenizer.json": '{"fake": "tokenizer"}',
                   "tokenizer_config.json": '{"model_max_length": 64}'}

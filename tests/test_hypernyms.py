@@ -5,7 +5,7 @@ import json
 import pytest
 
 from jaxzero.errors import DataError
-from jaxzero.hypernyms import load_hypernyms, normalize_orpha_id
+from jaxzero.diagnosis.hypernyms import load_hypernyms, normalize_orpha_id
 
 
 def _parent(name, disease_count, child_count=None):

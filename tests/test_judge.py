@@ -12,12 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from jaxzero.errors import DataError
-from jaxzero.eval_report import CaseResult, summarize_checkpoint, write_report
-from jaxzero.judge import (JUDGE_PROMPT_VERSION, JudgeCache, JudgeError, JudgeItem, LocalJudge,
+from jaxzero.diagnosis.report import CaseResult, summarize_checkpoint, write_report
+from jaxzero.diagnosis.judge import (JUDGE_PROMPT_VERSION, JudgeCache, JudgeError, JudgeItem, LocalJudge,
                            OpenAIJudge, RuleJudge, Verdict, cache_key, judged_rewards,
                            parse_reply, render_prompt)
-from jaxzero.response_analysis import analyze_response
-from jaxzero.reward import MAX_ANSWER_CHARS
+from jaxzero.diagnosis.analysis import analyze_response
+from jaxzero.diagnosis.reward import MAX_ANSWER_CHARS
 
 SECRET = "sk-test-5ecret-DO-NOT-LEAK"
 SYNONYMS = {"mfs": "marfan syndrome", "lchad deficiency":

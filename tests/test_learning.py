@@ -8,12 +8,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxzero import grpo
-from jaxzero.model import init_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sampler import Sampler
-from jaxzero.sharding import batch_sharding, make_mesh, put_global
-from jaxzero.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+from jaxzero.rl import grpo
+from jaxzero.model.qwen2 import init_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.model.sampler import Sampler
+from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
+from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
 TARGET = np.array([5, 6, 7])
 CFG = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

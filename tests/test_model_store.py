@@ -11,10 +11,11 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxzero import hf_io, model_store
-from jaxzero.checkpoint import CheckpointStore
+from jaxzero.io import hf as hf_io
+from jaxzero.io import model_dir as model_store
+from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.errors import CheckpointError
-from jaxzero.sharding import make_mesh, param_shardings
+from jaxzero.parallel.sharding import make_mesh, param_shardings
 from test_hf_io import FAKE_TOKENIZER, assert_same_tensors, hf_tensors, make_hf_model, save_hf
 
 
@@ -170,7 +171,7 @@ def test_errors_name_the_problem(jz_dir, hf_dir, tmp_path):
 
 
 def test_cli_converts_both_ways(hf_dir, tmp_path):
-    code = ("import sys; from jaxzero.cli import main; a, b, c = sys.argv[1:]; "
+    code = ("import sys; from jaxzero.cli.main import main; a, b, c = sys.argv[1:]; "
             "sys.exit(main(['convert', 'hf-to-jax', a, b]) or "
             "main(['convert', 'jax-to-hf', b, c, '--dtype', 'float32']))")
     proc = subprocess.run([sys.executable, "-c", code, str(hf_dir), str(tmp_path / "jz"),
@@ -196,12 +197,13 @@ jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 os.environ.update(JAXZERO_COORDINATOR=f"127.0.0.1:{port}", JAXZERO_NUM_PROCESSES="2",
                   JAXZERO_PROCESS_ID=str(pid))
-from jaxzero import distributed
+from jaxzero.parallel import distributed
 distributed.initialize()
-from jaxzero import hf_io, model_store
-from jaxzero.model import abstract_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import make_mesh, param_shardings
+from jaxzero.io import hf as hf_io
+from jaxzero.io import model_dir as model_store
+from jaxzero.model.qwen2 import abstract_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import make_mesh, param_shardings
 shardings = param_shardings(abstract_model(Qwen2Config.from_hf_dir(src))[1], make_mesh(1, -1, 1))
 config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32", shardings=shardings)
 assert not state["embed_VD"].value.is_fully_addressable

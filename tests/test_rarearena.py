@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxzero import rarearena
+from jaxzero.diagnosis import rarearena
 from jaxzero.errors import ConfigError, DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from jaxzero.response_analysis import ResponseAnalysis, analyze_response, summarize
+from jaxzero.diagnosis.analysis import ResponseAnalysis, analyze_response, summarize
 
 THINK = ("<think>\nThe patient has ascending weakness two weeks after Campylobacter enteritis, "
          "areflexia and albuminocytological dissociation in the CSF.\n</think>\n")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxzero import reward
-from jaxzero.rarearena import build_prompt_text, load_prompt_template
+from jaxzero.diagnosis import reward
+from jaxzero.diagnosis.rarearena import build_prompt_text, load_prompt_template
 
 LABELS = {
     "ecd": ["Erdheim-Chester disease"],

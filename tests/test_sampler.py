@@ -10,11 +10,11 @@ from flax import nnx
 from scipy import stats
 
 from jaxzero.errors import ConfigError
-from jaxzero.model import ModelOptions, init_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sampler import (Sampler, SamplingParams, _ordered, _top_k, _top_p, finish_reasons,
+from jaxzero.model.qwen2 import ModelOptions, init_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.model.sampler import (Sampler, SamplingParams, _ordered, _top_k, _top_p, finish_reasons,
                              pad_prompts, prefill, sample_token)
-from jaxzero.sharding import make_mesh, param_shardings
+from jaxzero.parallel.sharding import make_mesh, param_shardings
 
 VOCAB, PAD = 96, 0
 CONFIG = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,

@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxzero import grpo
+from jaxzero.rl import grpo
 from jaxzero.errors import ConfigError
-from jaxzero.model import init_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import (PARAM_RULES, follow_params, make_mesh, param_shardings,
+from jaxzero.model.qwen2 import init_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import (PARAM_RULES, follow_params, make_mesh, param_shardings,
                               resolve_mesh_shape)
-from jaxzero.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
 CFG = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)

@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from jaxzero import tokenizer as tk
+from jaxzero.io import tokenizer as tk
 from jaxzero.errors import JaxzeroError
 
 # (token, id) as Qwen2.5's tokenizer_config.json numbers them.

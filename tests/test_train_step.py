@@ -6,9 +6,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxzero.model import init_model
-from jaxzero.sharding import make_mesh
-from jaxzero.train_step import build_step_functions, init_opt_state, make_optimizer
+from jaxzero.model.qwen2 import init_model
+from jaxzero.parallel.sharding import make_mesh
+from jaxzero.rl.train_step import build_step_functions, init_opt_state, make_optimizer
 
 from test_sharding import CFG, LOSS, R, _batch
 

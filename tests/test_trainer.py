@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxzero.checkpoint import CheckpointStore
-from jaxzero.config_yaml import load_config
-from jaxzero.plot import read_scalars
-from jaxzero.trainer import train
+from jaxzero.io.checkpoint import CheckpointStore
+from jaxzero.config.files import load_config
+from jaxzero.monitor.plots import read_scalars
+from jaxzero.rl.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -154,7 +154,7 @@ def test_changed_config_is_refused(full_run):
 
 
 def test_plot_writes_the_four_pngs(full_run, tmp_path):
-    from jaxzero.plot import plot_run
+    from jaxzero.monitor.plots import plot_run
     run_dir, _ = full_run
     written = plot_run(run_dir, tmp_path)
     assert sorted(p.name for p in written) == ["eval_accuracy.png", "kl.png", "response_length.png",

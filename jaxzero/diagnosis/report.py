@@ -31,19 +31,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
-from jaxzero.config import RewardConfig
-from jaxzero.hypernyms import HypernymTable
-from jaxzero.judge import JUDGE_PROMPT_VERSION, Judge, JudgeItem, Verdict
-from jaxzero.rarearena import build_prompt_text
-from jaxzero.response_analysis import ResponseAnalysis, analyze_response
-from jaxzero.reward import compute_score, extract_answer
+from jaxzero.config.schema import RewardConfig
+from jaxzero.diagnosis.hypernyms import HypernymTable
+from jaxzero.diagnosis.judge import JUDGE_PROMPT_VERSION, Judge, JudgeItem, Verdict
+from jaxzero.diagnosis.rarearena import build_prompt_text
+from jaxzero.diagnosis.analysis import ResponseAnalysis, analyze_response
+from jaxzero.diagnosis.reward import compute_score, extract_answer
 
 REPORT_VERSION = 1
 
 # The user turn for top-5 runs, a drop-in for the diagnosis prompt (one `{case_text}`):
 # reasoning inside <think>, then inside <answer> five disease names, one per line, numbered
 # 1 to 5, most likely first. `rarearena.prepare_data(..., template=TOP5_TEMPLATE)` uses it.
-TOP5_TEMPLATE = resources.files("jaxzero").joinpath("templates/top5_prompt.txt").read_text(
+TOP5_TEMPLATE = resources.files("jaxzero.diagnosis").joinpath("templates/top5_prompt.txt").read_text(
     encoding="utf-8").removesuffix("\n")
 
 _RANK_PREFIX = re.compile(r"^(?:\d+\s*[.):]|[-*\u2022])\s*")
@@ -77,7 +77,7 @@ class CaseResult:
     labels: tuple[str, ...]
     response: str
     answers: tuple[str, ...]      # what the judge graded (1 for top-1, <= 5 for top-5)
-    rule_score: float             # jaxzero.reward.compute_score of the response
+    rule_score: float             # jaxzero.diagnosis.reward.compute_score of the response
     verdict: Verdict | None       # None when no judge ran
     analysis: ResponseAnalysis
     length: int                   # response tokens

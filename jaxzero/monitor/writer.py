@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxzero.distributed import is_main_process
+from jaxzero.parallel.distributed import is_main_process
 
 
 class MetricsWriter:

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import BATCH, constrain
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import BATCH, constrain
 
 _MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 

@@ -14,19 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxzero import config as config_lib
-from jaxzero import config_yaml, distributed, grpo
-from jaxzero.checkpoint import CheckpointStore
-from jaxzero.data_pipeline import PromptLoader
-from jaxzero.demo import architecture
+from jaxzero.config import schema as config_lib
+from jaxzero.config import files as config_yaml
+from jaxzero.parallel import distributed
+from jaxzero.rl import grpo
+from jaxzero.io.checkpoint import CheckpointStore
+from jaxzero.rl.loader import PromptLoader
+from jaxzero.diagnosis.demo import architecture
 from jaxzero.errors import CheckpointError, ConfigError
-from jaxzero.metrics import MetricsWriter
-from jaxzero.model import ModelOptions, abstract_model, init_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.rollout import RewardWorker
-from jaxzero.sampler import Sampler
-from jaxzero.sharding import batch_sharding, make_mesh, put_global
-from jaxzero.train_step import (build_step_functions, init_opt_state, lr_schedule,
+from jaxzero.monitor.writer import MetricsWriter
+from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.rl.rollout import RewardWorker
+from jaxzero.model.sampler import Sampler
+from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
+from jaxzero.rl.train_step import (build_step_functions, init_opt_state, lr_schedule,
                                 make_optimizer)
 
 
@@ -86,7 +88,7 @@ class Run:
         return f"{self.ckpt_dir}/{step}" if step is not None else "(none saved yet)"
 
     def export_hf(self, out_dir: str, log=print) -> None:
-        from jaxzero.hf_io import export_hf
+        from jaxzero.io.hf import export_hf
         export_hf(self.params, self.model_config, out_dir,
                   dtype=self.cfg.model.param_dtype, tokenizer_src=self.run_dir / "tokenizer")
         if distributed.is_main_process():
@@ -130,10 +132,10 @@ def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> No
 
 
 def _load_data(cfg, run_dir: Path, tokenizer):
-    from jaxzero.rarearena import prepare_data, read_prepared
+    from jaxzero.diagnosis.rarearena import prepare_data, read_prepared
     train_file, test_file = cfg.data.train_file, cfg.data.test_file
     if train_file is None:  # the demo (config validation guarantees it)
-        from jaxzero.demo_data import demo_cases_path
+        from jaxzero.diagnosis.demo_data import demo_cases_path
         out = run_dir / "data"
         if distributed.is_main_process() and not (out / "train.jsonl").exists():
             prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
@@ -164,14 +166,14 @@ def _sync(name: str) -> None:
 
 def _model_and_tokenizer(cfg, run_dir: Path):
     """(model config, tokenizer, host-or-device initial params or None, reference source)."""
-    from jaxzero.tokenizer import demo_tokenizer_dir, load_tokenizer
+    from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer
     tok_dir = run_dir / "tokenizer"
     if cfg.model.demo:
         src = demo_tokenizer_dir()
     elif cfg.model.tokenizer:
         src = cfg.model.tokenizer
     else:
-        from jaxzero.model_store import resolve_source
+        from jaxzero.io.model_dir import resolve_source
         src = resolve_source(cfg.model.path).tokenizer_dir  # HF dir, or a jaxzero dir's copy
     tokenizer = load_tokenizer(src)
     if distributed.is_main_process() and not tok_dir.exists():
@@ -244,7 +246,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
         params = _initial_params(cfg, model_config, options, abstract, fns.param_shardings,
                                  log)
         if cfg.model.demo and cfg.demo.warmup_steps:
-            from jaxzero.demo import run_format_warmup
+            from jaxzero.diagnosis.demo import run_format_warmup
             diagnoses = sorted({r["labels"][-1] for r in train_records})  # Orphanet names
             params, _ = run_format_warmup(
                 graphdef, params, mesh, records=train_records, tokenizer=tokenizer,
@@ -321,7 +323,7 @@ def _initial_params(cfg, model_config, options, abstract, shardings, log):
     if cfg.model.demo:
         _, host = nnx.split(init_model(model_config, options, seed=cfg.trainer.seed))
         return put_global(jax.tree.map(np.asarray, host), shardings)
-    from jaxzero.model_store import load_params
+    from jaxzero.io.model_dir import load_params
     log(f"loading {cfg.model.path}")
     _, params = load_params(cfg.model.path, param_dtype=cfg.model.param_dtype,
                             shardings=shardings)
@@ -357,7 +359,7 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
 
 
 def _stop_ids(tokenizer) -> list[int]:
-    from jaxzero.tokenizer import stop_token_ids
+    from jaxzero.io.tokenizer import stop_token_ids
     return stop_token_ids(tokenizer)
 
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import batch_sharding
-from jaxzero.train_step import completion_logprobs
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import batch_sharding
+from jaxzero.rl.train_step import completion_logprobs
 
 WARMUP_THINK = "The findings point to one rare disease."
 
@@ -41,7 +41,7 @@ def architecture(model) -> Qwen2Config:
                                  hidden=model.demo_hidden, heads=model.demo_heads,
                                  kv_heads=model.demo_kv_heads,
                                  intermediate=model.demo_intermediate)
-    from jaxzero.model_config import resolve_model_config
+    from jaxzero.model.config import resolve_model_config
     return resolve_model_config(model.path)
 
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import numpy as np
 
-from jaxzero import reward
-from jaxzero.response_analysis import analyze_response, summarize
-from jaxzero.sharding import to_host
+from jaxzero.diagnosis import reward
+from jaxzero.diagnosis.analysis import analyze_response, summarize
+from jaxzero.parallel.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def evaluate_records(generate_fn, params, records: list[dict], tokenizer, *,
 def _checkpoints(path: str) -> list[tuple[str, int | None]]:
     """A run or converted dir expands to each of its checkpoint steps; anything else is one."""
     from pathlib import Path
-    from jaxzero.checkpoint import CheckpointStore
+    from jaxzero.io.checkpoint import CheckpointStore
     ckpt = Path(path) / "checkpoints"
     if ckpt.is_dir():
         steps = CheckpointStore(ckpt).all_steps()
@@ -75,7 +75,7 @@ def _checkpoints(path: str) -> list[tuple[str, int | None]]:
 
 def _judge(args, out_dir, reward_cfg):
     from jaxzero.errors import JaxzeroError
-    from jaxzero.judge import JudgeCache, LocalJudge, OpenAIJudge, RuleJudge
+    from jaxzero.diagnosis.judge import JudgeCache, LocalJudge, OpenAIJudge, RuleJudge
     cache = JudgeCache(out_dir / "judge_cache.jsonl")
     if args.judge == "none":
         return RuleJudge(reward_cfg.threshold, reward_cfg.matcher)
@@ -86,7 +86,7 @@ def _judge(args, out_dir, reward_cfg):
             raise JaxzeroError("--judge openai needs --judge-url (e.g. http://localhost:8000/v1)")
         return OpenAIJudge(args.judge_url, args.judge_model,
                            api_key_env=args.judge_api_key_env, cache=cache)
-    from jaxzero.generate import LoadedModel
+    from jaxzero.cli.generate import LoadedModel
     judge_model = LoadedModel(args.judge_model, dtype=args.dtype)
 
     def generate_fn(prompts: list[str]) -> list[str]:
@@ -106,11 +106,11 @@ def _key0():
 def run_eval_cli(args) -> None:
     """`jaxzero eval`: generate greedily per checkpoint, score by rule and judge, report."""
     from pathlib import Path
-    from jaxzero.config import RewardConfig
-    from jaxzero.eval_report import score_checkpoint, top5_prompt, write_report
-    from jaxzero.generate import LoadedModel
-    from jaxzero.hypernyms import load_hypernyms
-    from jaxzero.rarearena import read_prepared
+    from jaxzero.config.schema import RewardConfig
+    from jaxzero.diagnosis.report import score_checkpoint, top5_prompt, write_report
+    from jaxzero.cli.generate import LoadedModel
+    from jaxzero.diagnosis.hypernyms import load_hypernyms
+    from jaxzero.diagnosis.rarearena import read_prepared
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_prepared(args.data)[: args.limit] if args.limit else read_prepared(args.data)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxzero.config_yaml import load_config
+from jaxzero.config.files import load_config
 from jaxzero.errors import ConfigError
-from jaxzero.demo import architecture
-from jaxzero.plan import PlanInputs, format_report, plan_memory
-from jaxzero.sharding import make_mesh
+from jaxzero.diagnosis.demo import architecture
+from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
+from jaxzero.parallel.sharding import make_mesh
 
 
 def parse_mesh(text: str) -> dict[str, int]:

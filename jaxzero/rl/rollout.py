@@ -7,8 +7,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from jaxzero import grpo, reward
-from jaxzero.response_analysis import analyze_response, summarize
+from jaxzero.rl import grpo
+from jaxzero.diagnosis import reward
+from jaxzero.diagnosis.analysis import analyze_response, summarize
 
 
 @dataclasses.dataclass(frozen=True)

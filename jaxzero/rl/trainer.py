@@ -12,14 +12,14 @@ import time
 import jax
 import numpy as np
 
-from jaxzero import distributed
+from jaxzero.parallel import distributed
 from jaxzero.errors import JaxzeroError
-from jaxzero.evaluate import evaluate_records
-from jaxzero.metrics import console_line, samples_markdown
-from jaxzero.rollout import advantages, response_mask, rollout_metrics
-from jaxzero.run_setup import Run, save_checkpoint, setup_run
-from jaxzero.sharding import to_host
-from jaxzero.train_step import TrainBatch
+from jaxzero.diagnosis.evaluate import evaluate_records
+from jaxzero.monitor.writer import console_line, samples_markdown
+from jaxzero.rl.rollout import advantages, response_mask, rollout_metrics
+from jaxzero.rl.setup import Run, save_checkpoint, setup_run
+from jaxzero.parallel.sharding import to_host
+from jaxzero.rl.train_step import TrainBatch
 
 
 class _StopSignal:

@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxzero.errors import ConfigError
-from jaxzero.model import KVCache
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import BATCH, put_global
+from jaxzero.model.qwen2 import KVCache
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import BATCH, put_global
 
 
 @dataclasses.dataclass(frozen=True)

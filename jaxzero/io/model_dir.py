@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxzero import hf_io
-from jaxzero.checkpoint import CheckpointStore
+from jaxzero.io import hf as hf_io
+from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.errors import CheckpointError
-from jaxzero.model import ModelOptions, Qwen2ForCausalLM, abstract_model
-from jaxzero.model_config import Qwen2Config
+from jaxzero.model.qwen2 import ModelOptions, Qwen2ForCausalLM, abstract_model
+from jaxzero.model.config import Qwen2Config
 
 MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"

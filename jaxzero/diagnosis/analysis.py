@@ -11,9 +11,9 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from jaxzero.reward import CLOSE as ANSWER_CLOSE
-from jaxzero.reward import OPEN as ANSWER_OPEN
-from jaxzero.reward import answer_spans
+from jaxzero.diagnosis.reward import CLOSE as ANSWER_CLOSE
+from jaxzero.diagnosis.reward import OPEN as ANSWER_OPEN
+from jaxzero.diagnosis.reward import answer_spans
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REGIONS = ("think", "answer", "after_answer", "other")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from jaxzero.config import (SECTIONS, RunConfig, check_keys, config_from_dict, config_to_dict,
+from jaxzero.config.schema import (SECTIONS, RunConfig, check_keys, config_from_dict, config_to_dict,
                             show_value)
 from jaxzero.errors import ConfigError
 

@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from jaxzero.errors import DataError, JaxzeroError
-from jaxzero.reward import MAX_ANSWER_CHARS, compute_score, extract_answer, similarity
+from jaxzero.diagnosis.reward import MAX_ANSWER_CHARS, compute_score, extract_answer, similarity
 
 log = logging.getLogger(__name__)
 
 # Bump when the prompt's wording or the reply format changes: it is part of every cache key and
 # is written into the report, so verdicts from different prompts are never mixed.
 JUDGE_PROMPT_VERSION = "rarearena-judge-v1"
-JUDGE_PROMPT = resources.files("jaxzero").joinpath("templates/judge_prompt.txt").read_text(
+JUDGE_PROMPT = resources.files("jaxzero.diagnosis").joinpath("templates/judge_prompt.txt").read_text(
     encoding="utf-8")
 _PROMPT_DIGEST = hashlib.sha256(JUDGE_PROMPT.encode()).hexdigest()[:16]
 

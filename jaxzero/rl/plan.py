@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxzero import grpo
-from jaxzero.model import KVCache, ModelOptions, abstract_model
-from jaxzero.model_config import Qwen2Config
-from jaxzero.sharding import batch_sharding, bytes_per_device
-from jaxzero.train_step import TrainBatch, build_step_functions, make_optimizer
+from jaxzero.rl import grpo
+from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
+from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel.sharding import batch_sharding, bytes_per_device
+from jaxzero.rl.train_step import TrainBatch, build_step_functions, make_optimizer
 
 GiB = 1024 ** 3
 

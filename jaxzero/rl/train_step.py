@@ -11,8 +11,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxzero import grpo
-from jaxzero.sharding import batch_sharding, follow_params, param_shardings, replicated
+from jaxzero.rl import grpo
+from jaxzero.parallel.sharding import batch_sharding, follow_params, param_shardings, replicated
 
 
 class TrainBatch(NamedTuple):

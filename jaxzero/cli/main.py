@@ -15,10 +15,10 @@ from jaxzero.errors import JaxzeroError
 
 
 def _prepare_data(args) -> None:
-    from jaxzero.rarearena import prepare_data
+    from jaxzero.diagnosis.rarearena import prepare_data
     tokenizer = None
     if args.tokenizer:
-        from jaxzero.tokenizer import load_tokenizer
+        from jaxzero.io.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
     stats = prepare_data(args.input, args.out_dir, train_ratio=args.train_ratio,
                          tokenizer=tokenizer, max_prompt_length=args.max_prompt_length,
@@ -28,7 +28,7 @@ def _prepare_data(args) -> None:
 
 
 def _convert(args) -> None:
-    from jaxzero import model_store
+    from jaxzero.io import model_dir as model_store
     if args.direction == "hf-to-jax":
         model_store.convert_hf_to_jax(args.src, args.out_dir, dtype=args.dtype)
     else:
@@ -36,21 +36,21 @@ def _convert(args) -> None:
 
 
 def _train(args) -> None:
-    from jaxzero.config_yaml import load_config
+    from jaxzero.config.files import load_config
     cfg = load_config(args.config, args.overrides)
-    from jaxzero import distributed
+    from jaxzero.parallel import distributed
     distributed.initialize()
-    from jaxzero.trainer import train
+    from jaxzero.rl.trainer import train
     train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def _eval(args) -> None:
-    from jaxzero.evaluate import run_eval_cli
+    from jaxzero.diagnosis.evaluate import run_eval_cli
     run_eval_cli(args)
 
 
 def _generate(args) -> None:
-    from jaxzero.generate import run_generate_cli
+    from jaxzero.cli.generate import run_generate_cli
     run_generate_cli(args)
 
 
@@ -60,12 +60,12 @@ def _plan(args) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
         os.environ["JAX_PLATFORMS"] = "cpu"
-    from jaxzero.plan_cli import run_plan_cli
+    from jaxzero.cli.plan import run_plan_cli
     run_plan_cli(args)
 
 
 def _plot(args) -> None:
-    from jaxzero.plot import plot_run
+    from jaxzero.monitor.plots import plot_run
     for path in plot_run(args.run_dir, args.out):
         print(f"wrote {path}")
 

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from jaxzero.errors import CheckpointError
-from jaxzero.model import ModelOptions, abstract_model
-from jaxzero.model_config import Qwen2Config
+from jaxzero.model.qwen2 import ModelOptions, abstract_model
+from jaxzero.model.config import Qwen2Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -198,7 +198,7 @@ def load_prompt_template(path: str | os.PathLike | None = None) -> str:
     DiagnosisZero prompt. One trailing newline of the file is not part of the template."""
     try:
         if path is None:
-            text = (importlib.resources.files("jaxzero") / "templates" /
+            text = (importlib.resources.files("jaxzero.diagnosis") / "templates" /
                     "diagnosis_prompt.txt").read_text(encoding="utf-8")
         else:
             text = Path(path).read_text(encoding="utf-8")

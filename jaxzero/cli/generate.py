@@ -8,11 +8,11 @@ from pathlib import Path
 import jax
 
 from jaxzero.errors import JaxzeroError
-from jaxzero.model import ModelOptions, abstract_model
-from jaxzero.model_store import load_params, resolve_source
-from jaxzero.sampler import Sampler, finish_reasons
-from jaxzero.sharding import make_mesh, param_shardings, to_host
-from jaxzero.tokenizer import load_tokenizer, stop_token_ids
+from jaxzero.model.qwen2 import ModelOptions, abstract_model
+from jaxzero.io.model_dir import load_params, resolve_source
+from jaxzero.model.sampler import Sampler, finish_reasons
+from jaxzero.parallel.sharding import make_mesh, param_shardings, to_host
+from jaxzero.io.tokenizer import load_tokenizer, stop_token_ids
 
 
 class LoadedModel:
