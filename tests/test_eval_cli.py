@@ -88,17 +88,17 @@ def test_local_judge_runs_through_the_sampler(tiny_hf, tmp_path):
     from argparse import Namespace
 
     from jaxzero.config.schema import RewardConfig
-    from jaxzero.diagnosis.evaluate import _judge
+    from jaxzero.cli.eval import _make_judge
     from jaxzero.diagnosis.judge import JudgeItem
     args = Namespace(judge="local", judge_model=str(tiny_hf), judge_url=None,
                      judge_api_key_env="OPENAI_API_KEY", dtype="float32", batch_size=2,
                      judge_max_new_tokens=8)
     items = [JudgeItem.make(("fabry disease",), ["Fabry disease"], ["Sphingolipidosis"]),
              JudgeItem.make(("wilson disease",), ["Wilson disease"], ())]
-    verdicts = _judge(args, tmp_path, RewardConfig()).judge_many(items)
+    verdicts = _make_judge(args, tmp_path, RewardConfig()).judge_many(items)
     assert [v.status for v in verdicts] == ["unparsed", "unparsed"]
     cached = (tmp_path / "judge_cache.jsonl").read_text().splitlines()
     assert len(cached) == 2
-    again = _judge(args, tmp_path, RewardConfig()).judge_many(items)
+    again = _make_judge(args, tmp_path, RewardConfig()).judge_many(items)
     assert [v.reply for v in again] == [v.reply for v in verdicts]
     assert (tmp_path / "judge_cache.jsonl").read_text().splitlines() == cached

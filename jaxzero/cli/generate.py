@@ -5,47 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
-
 from jaxzero.errors import JaxzeroError
-from jaxzero.model.qwen2 import ModelOptions, abstract_model
-from jaxzero.io.model_dir import load_params, resolve_source
-from jaxzero.model.sampler import Sampler, finish_reasons
-from jaxzero.parallel.sharding import make_mesh, param_shardings, to_host
-from jaxzero.io.tokenizer import load_tokenizer, stop_token_ids
 
 
-class LoadedModel:
-    """A model ready to sample: its tokenizer, sharded parameters and a sampler factory."""
-
-    def __init__(self, path: str, *, dtype: str = "bfloat16", step: int | None = None):
-        import jax.numpy as jnp
-        source = resolve_source(path)
-        self.config = source.config
-        self.tokenizer = load_tokenizer(source.tokenizer_dir)
-        self.mesh = make_mesh(1, -1, 1)
-        options = ModelOptions(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
-        self.graphdef, abstract = abstract_model(self.config, options)
-        _, self.params = load_params(source.path, step=step, param_dtype=dtype,
-                                     shardings=param_shardings(abstract, self.mesh))
-        self._samplers: dict[int, Sampler] = {}
-
-    def sampler(self, max_new_tokens: int, buckets=(128, 256, 512, 1024, 2048, 4096)) -> Sampler:
-        if max_new_tokens not in self._samplers:
-            pad = self.tokenizer.pad_token_id
-            self._samplers[max_new_tokens] = Sampler(
-                self.graphdef, self.config, max_new_tokens=max_new_tokens,
-                stop_ids=stop_token_ids(self.tokenizer),
-                pad_id=pad if pad is not None else self.tokenizer.eos_token_id,
-                buckets=buckets, mesh=self.mesh)
-        return self._samplers[max_new_tokens]
-
-    def encode(self, texts: list[str], chat: bool) -> list[list[int]]:
-        if chat:
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                        add_generation_prompt=True,
-                                                        tokenize=False) for t in texts]
-        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample completions with the jitted KV-cache sampler")
+    p.add_argument("model", help="HF dir, hub id or jaxzero checkpoint/run dir")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=run)
 
 
 def _prompts(args) -> list[str]:
@@ -60,7 +38,12 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def run_generate_cli(args) -> None:
+def run(args) -> None:
+    import jax
+
+    from jaxzero.io.loaded import LoadedModel
+    from jaxzero.model.sampler import finish_reasons
+    from jaxzero.parallel.sharding import to_host
     prompts = _prompts(args)
     model = LoadedModel(args.model, dtype=args.dtype, step=args.step)
     ids = model.encode(prompts, args.chat)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import jax
+import os
 
-from jaxzero.config.files import load_config
 from jaxzero.errors import ConfigError
-from jaxzero.diagnosis.demo import architecture
-from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
-from jaxzero.parallel.sharding import make_mesh
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -22,7 +18,32 @@ def parse_mesh(text: str) -> dict[str, int]:
     return out
 
 
-def run_plan_cli(args) -> None:
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-device memory of a run, compiled ahead of time",
+                       description="Compile the train step and the sampler for the config's "
+                       "batch and lengths on abstract inputs (no weights allocated) and print "
+                       "per-device memory. On CPU, --devices N plans for N simulated devices.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--mesh", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
+    p.add_argument("--devices", type=int, help="plan for N simulated CPU devices")
+    p.add_argument("--device-memory-gib", type=float, default=80.0,
+                   help="memory of one accelerator, to say whether it fits")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    if args.devices:
+        # Simulated CPU devices must be requested before jax is imported.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    from jaxzero.config.files import load_config
+    from jaxzero.diagnosis.demo import architecture
+    from jaxzero.parallel.sharding import make_mesh
+    from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
     cfg = load_config(args.config, args.overrides)
     mesh_sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     if args.mesh:

@@ -260,3 +260,18 @@ def convert_jax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, step: int | Non
         print(f"note: {source.path} has no {TOKENIZER_DIR}/, so the export has no tokenizer; "
               "copy one in before loading it with transformers' AutoTokenizer")
     return summary
+
+
+def checkpoints_of(path: str | Path) -> list[tuple[str, int | None]]:
+    """A run or converted dir expands to (path, step) for each of its checkpoint steps;
+    anything else (an HF dir, a hub id) is one entry with step None."""
+    ckpt = Path(path) / CHECKPOINTS
+    if ckpt.is_dir():
+        store = CheckpointStore(ckpt)
+        try:
+            steps = store.all_steps()
+        finally:
+            store.close()
+        if steps:
+            return [(str(path), s) for s in steps]
+    return [(str(path), None)]
