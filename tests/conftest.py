@@ -13,3 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxzero-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# Test files in the subfolders import their shared fixtures as `helpers` (tests/helpers.py).
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))

@@ -4,16 +4,15 @@ Qwen2.5 tokenizer, the local judge included."""
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
 
+from helpers import FIXTURES
 from jaxzero.cli.main import main
 from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures"
 HYPERNYMS = [
     {"Orphanetid": "35687", "name": "Erdheim-Chester disease", "type": "Disease",
      "parents": [{"parent": "Non-Langerhans cell histiocytosis", "parent_child_count": 6,

@@ -1,18 +1,18 @@
 """Typed run config: shipped YAMLs, defaults, overrides, strict errors, round trips."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import REPO
 from jaxzero.config.schema import (SECTIONS, DataConfig, GRPOConfig, MeshConfig, ModelConfig,
                             RolloutConfig, RunConfig, config_from_dict, config_to_dict,
                             diff_configs, flatten)
 from jaxzero.config.files import load_config, save_config
 from jaxzero.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 MINIMAL = {"model": {"path": "Qwen/Qwen2.5-1.5B-Instruct"},
            "data": {"train_file": "train.jsonl"}}

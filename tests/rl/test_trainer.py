@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import REPO
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.config.files import load_config
 from jaxzero.monitor.plots import read_scalars
 from jaxzero.rl.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["data.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=24",
          "demo.warmup_steps=2", "demo.warmup_batch=8", "data.eval_max_prompts=4",

@@ -16,7 +16,7 @@ from jaxzero.io import model_dir as model_store
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.errors import CheckpointError
 from jaxzero.parallel.sharding import make_mesh, param_shardings
-from test_hf_io import FAKE_TOKENIZER, assert_same_tensors, hf_tensors, make_hf_model, save_hf
+from helpers import FAKE_TOKENIZER, assert_same_tensors, hf_tensors, make_hf_model, save_hf
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxzero.io import hf as hf_io
 from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model, positions_from_mask
-from test_hf_io import make_hf_model, save_hf
+from helpers import make_hf_model, save_hf
 
 PADS = (0, 3, 6)  # left padding of each row
 T = 10

@@ -9,10 +9,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import FIXTURES
 from jaxzero.diagnosis import rarearena
 from jaxzero.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RDC = FIXTURES / "rdc_sample.jsonl"
 RDS = FIXTURES / "rds_sample.jsonl"
 

@@ -1,48 +1,27 @@
 """Sharded forward, log-probs, loss, gradients and update equal the single-device results."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxzero.rl import grpo
+from helpers import LOSS, R, TINY, grpo_batch
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.parallel.sharding import (PARAM_RULES, follow_params, make_mesh, param_shardings,
                               resolve_mesh_shape)
-from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
-
-CFG = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-R = 6  # response slots
-LOSS = grpo.LossConfig(entropy_coeff=0.01, use_kl_loss=True, kl_coef=0.1)
-
-
-def _batch(seed=0, b=8, p=10):
-    rng = np.random.RandomState(seed)
-    tokens = rng.randint(0, CFG.vocab_size, (b, p + R)).astype(np.int32)
-    valid = np.ones((b, p + R), bool)
-    for i in range(b):
-        valid[i, : rng.randint(0, 5)] = False          # left padding
-        valid[i, p + rng.randint(1, R + 1):] = False    # early stop
-    mask = valid[:, p:].astype(np.float32)
-    return TrainBatch(jnp.array(tokens), jnp.array(valid), jnp.array(mask),
-                      jnp.array(rng.randn(b).astype(np.float32)),
-                      jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5),
-                      jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5))
-
+from jaxzero.rl.train_step import build_step_functions, init_opt_state, make_optimizer
 
 def _run(mesh):
-    graphdef, params = nnx.split(init_model(CFG, seed=1))
+    graphdef, params = nnx.split(init_model(TINY, seed=1))
     optimizer = make_optimizer(lr=1e-3, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
                                grad_clip=1.0)
     fns = build_step_functions(graphdef, params, optimizer, LOSS, mesh, response_len=R)
     params = jax.device_put(params, fns.param_shardings)
     opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
-    batch = _batch()
+    batch = grpo_batch()
     with jax.set_mesh(mesh):
         logits, _ = jax.jit(lambda p, t, v: nnx.merge(graphdef, p)(t, v))(
             params, batch.tokens_BL, batch.valid_BL)
@@ -62,7 +41,7 @@ def single():
 def test_sharded_equals_single_device(single, mesh_shape):
     logits, logp, metrics, params, _, _ = _run(make_mesh(*mesh_shape))
     ref_logits, ref_logp, ref_metrics, ref_params, _, _ = single
-    valid = np.asarray(_batch().valid_BL)
+    valid = np.asarray(grpo_batch().valid_BL)
     np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=1e-5)
     np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
     for key in ("loss", "grad_norm", "pg_loss", "kl", "entropy"):
@@ -98,7 +77,7 @@ def test_indivisible_heads_are_replicated():
 
 
 def test_every_parameter_has_a_rule():
-    untied = Qwen2Config(**{**CFG.to_dict(), "tie_word_embeddings": False})
+    untied = Qwen2Config(**{**TINY.to_dict(), "tie_word_embeddings": False})
     _, params = nnx.split(init_model(untied))
     names = {str(p[-2].key) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert names == set(PARAM_RULES)
@@ -106,7 +85,7 @@ def test_every_parameter_has_a_rule():
 
 def test_optimizer_state_follows_parameters():
     mesh = make_mesh(1, 8, 1)
-    _, params = nnx.split(init_model(CFG))
+    _, params = nnx.split(init_model(TINY))
     opt = make_optimizer(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0)
     shard = follow_params(jax.eval_shape(opt.init, params), params, mesh)
     nu = shard[1][0].nu["embed_VD"].value

@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers import REPO
 from jaxzero.cli.main import build_parser, main
 
 DEMO = "configs/demo.yaml"
@@ -16,8 +17,7 @@ def _error(capsys, argv) -> str:
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    from pathlib import Path
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(REPO)
 
 
 def test_unknown_key_names_the_closest(capsys, tmp_path):
