@@ -5,6 +5,9 @@ The file (`orphanet_hypernym.json` in RareArena) is a JSON array of entries
 "parent_child_count": int, "parent_disease_count": int}, ...]}`. RareArena's judge accepts as a
 hypernym only a parent that groups few diseases (`parent_disease_count <= 10`): a broad class
 such as "Rare hereditary metabolic disease" would otherwise earn credit for nearly any answer.
+
+Two lookups: `hypernyms` (jaxzero's: by id, else by case-folded name, deduplicated) and
+`rarearena_sets` (RareArena's `eval_updated.py`, reproduced as it runs: see its docstring).
 """
 
 from __future__ import annotations
@@ -59,6 +62,31 @@ class HypernymTable:
     def __post_init__(self):
         if self.max_disease_count < 1:
             raise ValueError(f"max_disease_count must be >= 1, got {self.max_disease_count}")
+        # RareArena's name -> parents dict is rebuilt for each entry of a name, so the last
+        # entry of a repeated name wins; by_id keeps file order, so a forward pass does too.
+        by_name = {d.name: d for d in self.by_id.values()}
+        object.__setattr__(self, "_last_by_name", MappingProxyType(by_name))
+
+    def rarearena_sets(self, orpha_id: str | int | None,
+                       diagnosis: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(score-2 set, score-1 set) as RareArena's `eval_updated.py` builds them:
+        - the Orphanet name is the table's name for the case's id, or the diagnosis when the
+          id is not in the table;
+        - score 2: [diagnosis], plus that name when it differs ignoring case;
+        - score 1: the parents with `parent_disease_count <= max_disease_count` of the entry
+          with exactly that name (the last such entry), in file order, repeats kept; () when
+          no entry has that name.
+        """
+        disease = None
+        if orpha_id is not None and orpha_id != "":
+            disease = self.by_id.get(normalize_orpha_id(orpha_id))
+        name = disease.name if disease is not None else diagnosis
+        score2 = (diagnosis,) if diagnosis.lower() == name.lower() else (diagnosis, name)
+        entry = self._last_by_name.get(name)
+        if entry is None:
+            return score2, ()
+        return score2, tuple(p.name for p in entry.parents
+                             if p.disease_count <= self.max_disease_count)
 
     def find(self, orpha_id: str | int | None = None, name: str | None = None) -> Disease | None:
         """The entry for an Orpha id, else for an exact (case-insensitive) name, else None."""

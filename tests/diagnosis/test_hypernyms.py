@@ -127,3 +127,27 @@ def test_invalid_json_names_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nowhere.json: cannot read"):
         load_hypernyms(tmp_path / "nowhere.json")
+
+
+def test_rarearena_sets_follow_eval_updated(tmp_path):
+    """eval_updated.py's lookups: the table's name for the id joins score 2 when it differs
+    (ignoring case); score 1 is looked up by that name, last entry of a name wins, repeats
+    kept; an unknown id falls back to the diagnosis as the name."""
+    rows = FIXTURE + [{"Orphanetid": "11", "name": "Marfan syndrome", "type": "Disease",
+                       "parents": [_parent("Fibrillinopathy", 3), _parent("Broad group", 40)]}]
+    path = tmp_path / "orphanet_hypernym.json"
+    path.write_text(json.dumps(rows))
+    table = load_hypernyms(path)
+    assert table.rarearena_sets("8", "Edge case disease") == (
+        ("Edge case disease",), ("Group of exactly ten", "Group of exactly ten"))
+    assert table.rarearena_sets("5", "LCHAD deficiency") == (
+        ("LCHAD deficiency", "Long chain 3-hydroxyacyl-CoA dehydrogenase deficiency"),
+        ("3-hydroxyacyl-CoA dehydrogenase deficiency", "Syndrome with hypoparathyroidism"))
+    assert table.rarearena_sets("5", "long CHAIN 3-hydroxyacyl-CoA dehydrogenase deficiency")[0] \
+        == ("long CHAIN 3-hydroxyacyl-CoA dehydrogenase deficiency",)
+    # id 10 is named "Marfan syndrome", whose last entry (id 11) supplies the parents.
+    assert table.rarearena_sets("10", "MFS") == (("MFS", "Marfan syndrome"), ("Fibrillinopathy",))
+    assert table.rarearena_sets("99999", "3C syndrome") == (
+        ("3C syndrome",), ("Genetic syndrome with a Dandy-Walker malformation",))
+    assert table.rarearena_sets("99999", "3c syndrome") == (("3c syndrome",), ())
+    assert table.rarearena_sets("", "Unknown") == (("Unknown",), ())
