@@ -3,6 +3,14 @@
 Test files import from here and never from one another.
 """
 
+import ast
+import contextlib
+import json
+import re
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -95,3 +103,128 @@ def grpo_batch(seed=0, b=8, p=10):
                       jnp.array(rng.randn(b).astype(np.float32)),
                       jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5),
                       jnp.array(-rng.rand(b, R).astype(np.float32) - 4.5))
+
+
+# ---------------------------------------------------------------- a fake judge server
+
+SYNONYMS = {"mfs": "marfan syndrome", "lchad deficiency":
+            "long chain 3-hydroxyacyl-coa dehydrogenase deficiency"}
+
+
+def _section(prompt: str, title: str) -> list[str]:
+    lines = prompt.split(f"\n{title}\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [line.split(" ", 1)[1] for line in lines if line != "(none)"]
+
+
+def _fixture_sets(prompt: str) -> tuple[list[str], list[str], list[str]]:
+    """(answers, score-2 set, score-1 set) of a prompt rendered from tests/fixtures/rarearena:
+    the sets are Python lists (eval_updated.py) or one reference (eval.py)."""
+    def after(tag):
+        line = next((x for x in prompt.splitlines() if x.startswith(tag)), None)
+        return None if line is None else line[len(tag):].strip()
+
+    answer = prompt.split("\nAnswer:\n", 1)[1].split("\n\nReply per disease", 1)[0]
+    answers = [re.sub(r"^\d+\s*[.)]\s*", "", a.strip()).rstrip(";.") for a in answer.splitlines()
+               if a.strip()]
+    if after("Reference:") is not None:
+        return answers, [after("Reference:")], []
+    parents = after("Parent list:")
+    return (answers, ast.literal_eval(after("Synonym list:")),
+            ast.literal_eval(parents) if parents else [])
+
+
+def rule_reply(prompt: str) -> str:
+    """The stand-in judge model: exact match up to case, plus a small synonym table; it reads
+    jaxzero's prompt and the RareArena-layout fixture prompts."""
+    if "[fixture prompt" in prompt:
+        answers, exact, broader = _fixture_sets(prompt)
+    else:
+        answers = _section(prompt, "Student diagnoses:")
+        exact, broader = _section(prompt, "Exact set:"), _section(prompt, "Broader set:")
+    exact, broader = {s.casefold() for s in exact}, {s.casefold() for s in broader}
+    out = []
+    for i, answer in enumerate(answers, 1):
+        name = SYNONYMS.get(answer.casefold(), answer.casefold())
+        out.append(f"{i}. {answer}: score {2 if name in exact else 1 if name in broader else 0};")
+    return "\n".join(out)
+
+
+class FakeOpenAI(ThreadingHTTPServer):
+    """An OpenAI-wire-format chat-completions server. `faults` is a queue of actions taken, one
+    per request, before it answers normally: an int HTTP status, ("429", retry_after),
+    ("sleep", s), "garbage_body" or "garbage_content". `fail_after` answers HTTP 400 to every
+    request after that many."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.faults: deque = deque()
+        self.requests: list[dict] = []
+        self.fail_after: int | None = None
+        self.hang_s: float = 0.0   # every request waits this long first (a hung server)
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def prompts(self) -> list[str]:
+        return [r["body"]["messages"][0]["content"] for r in self.requests]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        server: FakeOpenAI = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server.lock:
+            server.requests.append({"path": self.path, "headers": dict(self.headers),
+                                    "body": body, "t": time.monotonic()})
+            count = len(server.requests)
+            fault = server.faults.popleft() if server.faults else None
+        if server.hang_s:
+            time.sleep(server.hang_s)
+        if server.fail_after is not None and count > server.fail_after:
+            # Echo the credentials, as a careless proxy might: they must not reach any output.
+            return self._send(400, f"bad request ({self.headers['Authorization']})".encode())
+        if isinstance(fault, int):
+            return self._send(fault, b'{"error": "injected"}')
+        if isinstance(fault, tuple) and fault[0] == "429":
+            return self._send(429, b"slow down", {"Retry-After": fault[1]})
+        if isinstance(fault, tuple) and fault[0] == "sleep":
+            time.sleep(fault[1])
+        if fault == "garbage_body":
+            return self._send(200, b"<html>not json</html>")
+        content = ("I think the student is mostly right." if fault == "garbage_content"
+                   else rule_reply(body["messages"][0]["content"]))
+        reply = {"id": "x", "object": "chat.completion", "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": content}}]}
+        try:
+            self._send(200, json.dumps(reply).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and went away
+
+
+@contextlib.contextmanager
+def judge_server():
+    """A running FakeOpenAI on localhost, shut down on exit."""
+    srv = FakeOpenAI()
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -1,17 +1,19 @@
-"""RareArena's LLM-judge protocol: grade ranked diagnoses 2 (synonym), 1 (hypernym) or 0.
+"""LLM-judge backends: grade each case's ranked diagnoses 2 (synonym), 1 (hypernym) or 0.
 
-One judge request covers one case: all of its ranked answers (one for top-1, up to five for
-top-5) go into a single prompt and the judge returns one numbered score line per answer, as
-RareArena does. Top-k recall is then "any of the first k scored >= 1 (or == 2)", which is
-`Verdict.top(k)`. One request per case, not per answer, keeps the cost at one call per case and
-lets the judge see the whole list, as the numbers in RareArena's table were produced.
+One judge request covers one case: its answer text goes into one prompt, rendered by a
+`protocols.JudgeProtocol` (RareArena's two, or jaxzero's rewrite), and the judge returns one
+numbered score line per answer, as RareArena does. One request per case keeps the cost at one
+call per case and lets the judge see the whole list, as RareArena's table was produced.
 
 Backends share one interface, `judge_many(items) -> list[Verdict]`:
-- `OpenAIJudge`: any OpenAI-compatible `/v1/chat/completions` endpoint, stdlib HTTP only;
-- `LocalJudge`: a caller-supplied batched generate function (jaxzero's own sampler);
+- `OpenAIJudge`: any OpenAI-compatible `/v1/chat/completions` endpoint, stdlib HTTP only,
+  with the protocol's temperature and max_tokens;
+- `LocalJudge`: a caller-supplied batched greedy generate function (jaxzero's own sampler);
 - `RuleJudge`: no model, the reward's string-matching rule per answer (`--judge none`).
 The two model backends keep an append-only JSON-lines cache keyed by everything that decides a
-verdict, written as each reply arrives, so an interrupted run resumes where it stopped.
+reply, written as each reply arrives, so an interrupted run resumes where it stopped. A cached
+reply that does not parse is asked again by default (`retry_unparsed`): a judge that was
+misconfigured or down must not leave its failures behind for good.
 """
 
 from __future__ import annotations
@@ -24,126 +26,32 @@ import json
 import logging
 import os
 import random
-import re
+import sys
 import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from tqdm import tqdm
+
 from jaxzero.errors import DataError, JaxzeroError
-from jaxzero.diagnosis.reward import MAX_ANSWER_CHARS, compute_score, extract_answer, similarity
+from jaxzero.diagnosis.protocols import JudgeItem, JudgeProtocol, Verdict, jaxzero_protocol
+from jaxzero.diagnosis.reward import compute_score, extract_answer, similarity
 
 log = logging.getLogger(__name__)
-
-# Bump when the prompt's wording or the reply format changes: it is part of every cache key and
-# is written into the report, so verdicts from different prompts are never mixed.
-JUDGE_PROMPT_VERSION = "rarearena-judge-v1"
-JUDGE_PROMPT = resources.files("jaxzero.diagnosis").joinpath("templates/judge_prompt.txt").read_text(
-    encoding="utf-8")
-_PROMPT_DIGEST = hashlib.sha256(JUDGE_PROMPT.encode()).hexdigest()[:16]
-
-UNPARSED = "unparsed"
 
 
 class JudgeError(JaxzeroError):
     """The judge endpoint failed for good (4xx, or every retry used up)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class JudgeItem:
-    """One case: its ranked answers and its two reference sets."""
-
-    answers: tuple[str, ...]
-    score2_labels: tuple[str, ...]   # the diagnosis and its Orphanet name
-    score1_labels: tuple[str, ...] = ()   # hypernyms (parents grouping <= 10 diseases)
-
-    @classmethod
-    def make(cls, answers: Sequence[str | None], score2_labels: Sequence[str],
-             score1_labels: Sequence[str] = ()) -> JudgeItem:
-        """Collapse whitespace (a multi-line answer block becomes one line, so it cannot break
-        the numbered list), cut answers to the reward's MAX_ANSWER_CHARS, drop blank answers,
-        and drop labels that repeat (ignoring case) or, for hypernyms, are score-2 labels."""
-        def dedupe(names, seen):
-            kept = []
-            for name in names:
-                name = " ".join(name.split())
-                if name and name.casefold() not in seen:
-                    seen.add(name.casefold())
-                    kept.append(name)
-            return tuple(kept)
-
-        seen: set[str] = set()
-        score2 = dedupe(score2_labels, seen)
-        if not score2:
-            raise DataError(f"judge item has no score-2 label (got {list(score2_labels)!r})")
-        cut = (" ".join(a[:MAX_ANSWER_CHARS].split()) for a in answers if a)
-        return cls(tuple(a for a in cut if a), score2, dedupe(score1_labels, seen))
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """Scores per ranked answer, or `scores=None` when the reply could not be parsed."""
-
-    scores: tuple[int, ...] | None
-    reply: str = ""
-    reason: str = ""   # why the reply is unparsed; empty when it parsed
-
-    @property
-    def status(self) -> str:
-        return UNPARSED if self.scores is None else "ok"
-
-    def top(self, k: int) -> int | None:
-        """Best score among the first k answers (0 when there were no answers); None when
-        unparsed, so that callers must count it rather than read it as a miss."""
-        if self.scores is None:
-            return None
-        return max(self.scores[:k], default=0)
-
-
-def render_prompt(item: JudgeItem) -> str:
-    def lines(names, numbered=False):
-        if not names:
-            return "(none)"
-        return "\n".join(f"{i}. {n}" if numbered else f"- {n}" for i, n in enumerate(names, 1))
-
-    return JUDGE_PROMPT.format(exact=lines(item.score2_labels), broader=lines(item.score1_labels),
-                               answers=lines(item.answers, numbered=True))
-
-
-_SCORE_LINE = re.compile(r"(\d+)\s*[.)]\s*(.*?)\s*:\s*score\s*[:=]?\s*(\d+)\s*[;.]?", re.I)
-_ANY_SCORE = re.compile(r"score\s*[:=]?\s*\d", re.I)
-
-
-def parse_reply(reply: str, item: JudgeItem) -> Verdict:
-    """Strict: the reply must hold exactly the lines `i. <name>: score S` for i = 1..n in order,
-    S in {0, 1, 2} (1 only when there are hypernyms). Lines without a score (a preamble) are
-    ignored; markdown emphasis (`*`, `` ` ``) is stripped first. Anything else is unparsed."""
-    n, found = len(item.answers), []
-    for line in reply.splitlines():
-        line = line.replace("*", "").replace("`", "").strip()
-        match = _SCORE_LINE.fullmatch(line)
-        if match:
-            found.append((int(match.group(1)), int(match.group(3))))
-        elif _ANY_SCORE.search(line):
-            return Verdict(None, reply, f"unreadable score line {line[:80]!r}")
-    if [i for i, _ in found] != list(range(1, n + 1)):
-        return Verdict(None, reply, f"expected score lines 1..{n}, got {[i for i, _ in found]}")
-    scores = tuple(s for _, s in found)
-    allowed = {0, 1, 2} if item.score1_labels else {0, 2}
-    if not set(scores) <= allowed:
-        return Verdict(None, reply, f"scores {list(scores)} outside {sorted(allowed)}")
-    return Verdict(scores, reply)
-
-
-def cache_key(item: JudgeItem, model_id: str) -> str:
-    """Hash of everything that decides a verdict: answers, both label sets, the judge model, the
-    prompt version and the prompt text itself (an edit without a version bump still misses)."""
-    blob = json.dumps([JUDGE_PROMPT_VERSION, _PROMPT_DIGEST, model_id, item.answers,
-                       item.score2_labels, item.score1_labels], ensure_ascii=False)
+def cache_key(prompt: str, model_id: str, settings: Sequence) -> str:
+    """Hash of everything that decides a reply: the rendered prompt (the protocol's text, the
+    answer and both sets), the judge model and its sampling settings."""
+    blob = json.dumps([prompt, model_id, list(settings)], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -181,17 +89,18 @@ class JudgeCache:
     def get(self, key: str) -> str | None:
         return self._replies.get(key)
 
-    def put(self, key: str, model_id: str, item: JudgeItem, reply: str):
-        record = {"key": key, "model": model_id, "version": JUDGE_PROMPT_VERSION,
+    def put(self, key: str, model_id: str, protocol: str, item: JudgeItem, reply: str):
+        record = {"key": key, "model": model_id, "protocol": protocol,
                   "item": dataclasses.asdict(item), "reply": reply}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._replies[key] = reply
+        self._replies[key] = reply   # a later line for a key (a retried reply) wins on load
 
 
 class Judge(Protocol):
     model_id: str
+    protocol: JudgeProtocol   # builds each case's item; the model backends render its prompt
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[Verdict]: ...
 
@@ -201,10 +110,17 @@ Deliver = Callable[[int, str], None]
 
 class _ModelJudge:
     """Shared by the model backends: skip empty and cached items, ask once per distinct key,
-    cache and parse each reply as it is delivered. Subclasses implement `_ask`."""
+    cache and parse each reply as it is delivered. Subclasses set the attributes and
+    implement `_ask` and `settings` (the sampling settings that are part of the cache key)."""
 
     model_id: str
+    protocol: JudgeProtocol
     cache: JudgeCache | None
+    retry_unparsed: bool
+
+    @property
+    def settings(self) -> tuple:
+        raise NotImplementedError
 
     def _ask(self, prompts: list[str], deliver: Deliver):
         raise NotImplementedError
@@ -212,40 +128,62 @@ class _ModelJudge:
     def judge_many(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(items)
         waiting: dict[str, list[int]] = {}
+        prompts: dict[str, str] = {}
+        retried = 0
         for i, item in enumerate(items):
             if not item.answers:
-                verdicts[i] = Verdict(())
+                verdicts[i] = Verdict.of_scores(())
                 continue
-            key = cache_key(item, self.model_id)
+            prompt = self.protocol.render(item)
+            key = cache_key(prompt, self.model_id, self.settings)
             reply = self.cache.get(key) if self.cache is not None else None
             if reply is not None:
-                verdicts[i] = parse_reply(reply, item)
-            else:
-                waiting.setdefault(key, []).append(i)
+                verdicts[i] = self.protocol.parse(reply, item)
+                if verdicts[i].scores is not None or not self.retry_unparsed:
+                    continue
+                retried += key not in prompts
+            waiting.setdefault(key, []).append(i)
+            prompts[key] = prompt
         keys = list(waiting)
+        if retried:
+            log.info("judge: asking again for %d cached replies that did not parse", retried)
+        bar = tqdm(total=len(keys), desc="judging", unit="case", file=sys.stderr,
+                   disable=not keys or not sys.stderr.isatty(), leave=False)
 
         def deliver(j: int, reply: str):
             first = items[waiting[keys[j]][0]]
             if self.cache is not None:
-                self.cache.put(keys[j], self.model_id, first, reply)
+                self.cache.put(keys[j], self.model_id, self.protocol.version, first, reply)
             for i in waiting[keys[j]]:
-                verdicts[i] = parse_reply(reply, items[i])
+                verdicts[i] = self.protocol.parse(reply, items[i])
+            bar.update()
 
-        if keys:
-            self._ask([render_prompt(items[waiting[k][0]]) for k in keys], deliver)
+        try:
+            if keys:
+                self._ask([prompts[k] for k in keys], deliver)
+        finally:
+            bar.close()
         return verdicts
 
 
 class LocalJudge(_ModelJudge):
     """A judge model run by jaxzero. `generate_fn(prompts) -> replies` gets the user messages
-    (plain text; it applies the model's chat template) and must decode greedily."""
+    (plain text; it applies the model's chat template) and must decode greedily, up to
+    `max_new_tokens` (part of the cache key)."""
 
-    def __init__(self, generate_fn: Callable[[list[str]], list[str]], model_id: str, *,
-                 batch_size: int = 32, cache: JudgeCache | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.generate_fn, self.model_id = generate_fn, model_id
-        self.batch_size, self.cache = batch_size, cache
+    def __init__(self, generate_fn: Callable[[list[str]], list[str]], model_id: str,
+                 protocol: JudgeProtocol, *, max_new_tokens: int, batch_size: int = 32,
+                 cache: JudgeCache | None = None, retry_unparsed: bool = True):
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
+                             f"{max_new_tokens}")
+        self.generate_fn, self.model_id, self.protocol = generate_fn, model_id, protocol
+        self.max_new_tokens, self.batch_size, self.cache = max_new_tokens, batch_size, cache
+        self.retry_unparsed = retry_unparsed
+
+    @property
+    def settings(self) -> tuple:
+        return ("greedy", self.max_new_tokens)
 
     def _ask(self, prompts: list[str], deliver: Deliver):
         for start in range(0, len(prompts), self.batch_size):
@@ -287,29 +225,36 @@ class OpenAIJudge(_ModelJudge):
     `base_url` ends where `/chat/completions` is appended, e.g. `http://localhost:8000/v1`. The
     API key is read from the environment variable `api_key_env` (no Authorization header when it
     is unset, as local servers need none); it is never logged, written or shown in errors.
-    Timeouts, connection errors, HTTP 408, 429 and 5xx are retried up to `max_retries` times with
-    exponential backoff and jitter (or the server's Retry-After, capped at `max_wait_s`); other
-    4xx fail at once. Each request is bounded: at most `max_retries + 1` attempts.
+    Each request sends the protocol's temperature and max_tokens, and waits at most `timeout_s`
+    on the socket. Timeouts, connection errors, HTTP 408, 429 and 5xx are retried up to
+    `max_retries` times with exponential backoff and jitter (or the server's Retry-After, capped
+    at `max_wait_s`); other 4xx fail at once. So a request is bounded by `max_retries + 1`
+    attempts, and the first request that gives up stops the others.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
-                 max_tokens: int = 512, backoff_s: float = 1.0, max_wait_s: float = 120.0,
-                 cache: JudgeCache | None = None):
+    def __init__(self, base_url: str, model: str, protocol: JudgeProtocol, *,
+                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+                 timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_wait_s: float = 120.0, cache: JudgeCache | None = None,
+                 retry_unparsed: bool = True):
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError(f"need concurrency >= 1, max_retries >= 0, timeout_s > 0; got "
                              f"{concurrency}, {max_retries}, {timeout_s}")
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model_id = model
+        self.model_id, self.protocol = model, protocol
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
-        self.max_tokens, self.backoff_s, self.max_wait_s = max_tokens, backoff_s, max_wait_s
-        self.cache = cache
+        self.backoff_s, self.max_wait_s = backoff_s, max_wait_s
+        self.cache, self.retry_unparsed = cache, retry_unparsed
         self._api_key = os.environ.get(api_key_env) or None
         if self._api_key is None:
             log.info("judge: $%s is not set; sending requests without an API key", api_key_env)
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(url={self.url!r}, model={self.model_id!r})"
+
+    @property
+    def settings(self) -> tuple:
+        return (self.protocol.temperature, self.protocol.max_tokens)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "<redacted>") if self._api_key else text
@@ -320,6 +265,8 @@ class OpenAIJudge(_ModelJudge):
         futures = {pool.submit(self._complete, p, stop): j for j, p in enumerate(prompts)}
         error: BaseException | None = None
         try:
+            # After the first failure the queued requests are cancelled and the running ones
+            # stop at their next retry, so this waits at most one more socket timeout.
             for future in as_completed(futures):
                 if future.cancelled():
                     continue
@@ -338,8 +285,8 @@ class OpenAIJudge(_ModelJudge):
             raise error
 
     def _complete(self, prompt: str, stop: threading.Event) -> str:
-        body = json.dumps({"model": self.model_id, "temperature": 0,
-                           "max_tokens": self.max_tokens,
+        body = json.dumps({"model": self.model_id, "temperature": self.protocol.temperature,
+                           "max_tokens": self.protocol.max_tokens,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key:
@@ -349,8 +296,11 @@ class OpenAIJudge(_ModelJudge):
                 return self._post(body, headers)
             except _Transient as err:
                 if attempt == self.max_retries:
-                    raise JudgeError(f"judge endpoint {self.url}: gave up after "
-                                     f"{attempt + 1} attempts; last error: {err}") from None
+                    raise JudgeError(
+                        f"judge endpoint {self.url}: gave up after {attempt + 1} attempts "
+                        f"(timeout {self.timeout_s:g} s each, {self.max_retries} retries; "
+                        f"see --judge-timeout and --judge-retries); last error: {err}"
+                    ) from None
                 wait = err.retry_after
                 if wait is None:
                     wait = self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
@@ -389,7 +339,9 @@ class OpenAIJudge(_ModelJudge):
 class RuleJudge:
     """`--judge none`: no model. Each answer scores 2 when the reward's matching rule
     (`reward.similarity` above `threshold`) matches a score-2 label, else 1 when it matches a
-    hypernym, else 0."""
+    hypernym, else 0; the labels are the jaxzero protocol's sets."""
+
+    protocol = jaxzero_protocol()   # only its reference sets: no prompt is sent
 
     def __init__(self, threshold: float = 0.8, matcher: str = "rapidfuzz"):
         self.threshold, self.matcher = threshold, matcher
@@ -404,7 +356,8 @@ class RuleJudge:
         return 0
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        return [Verdict(tuple(self._score(a, item) for a in item.answers)) for item in items]
+        return [Verdict.of_scores([self._score(a, item) for a in item.answers])
+                for item in items]
 
 
 def judged_rewards(responses: Sequence[str], labels: Sequence[Sequence[str]], judge: Judge, *,

@@ -4,120 +4,38 @@ localhost (faults included), the local backend, the cache and resuming from it."
 import json
 import logging
 import socket
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from helpers import FIXTURES, SYNONYMS, judge_server, rule_reply
+
 from jaxzero.errors import DataError
 from jaxzero.diagnosis.report import CaseResult, summarize_checkpoint, write_report
-from jaxzero.diagnosis.judge import (JUDGE_PROMPT_VERSION, JudgeCache, JudgeError, JudgeItem, LocalJudge,
-                           OpenAIJudge, RuleJudge, Verdict, cache_key, judged_rewards,
-                           parse_reply, render_prompt)
+from jaxzero.diagnosis.judge import (JudgeCache, JudgeError, LocalJudge, OpenAIJudge, RuleJudge,
+                                     cache_key, judged_rewards)
+from jaxzero.diagnosis.protocols import JudgeItem, Verdict, jaxzero_protocol
 from jaxzero.diagnosis.analysis import analyze_response
 from jaxzero.diagnosis.reward import MAX_ANSWER_CHARS
 
+JAX = jaxzero_protocol()
+render_prompt = JAX.render
 SECRET = "sk-test-5ecret-DO-NOT-LEAK"
-SYNONYMS = {"mfs": "marfan syndrome", "lchad deficiency":
-            "long chain 3-hydroxyacyl-coa dehydrogenase deficiency"}
-
-
-def _section(prompt: str, title: str) -> list[str]:
-    lines = prompt.split(f"\n{title}\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    return [line.split(" ", 1)[1] for line in lines if line != "(none)"]
-
-
-def rule_reply(prompt: str) -> str:
-    """The stand-in judge model: exact match up to case, plus a small synonym table."""
-    exact = {s.casefold() for s in _section(prompt, "Exact set:")}
-    broader = {s.casefold() for s in _section(prompt, "Broader set:")}
-    out = []
-    for i, answer in enumerate(_section(prompt, "Student diagnoses:"), 1):
-        name = SYNONYMS.get(answer.casefold(), answer.casefold())
-        out.append(f"{i}. {answer}: score {2 if name in exact else 1 if name in broader else 0}")
-    return "\n".join(out)
-
-
-class FakeOpenAI(ThreadingHTTPServer):
-    """An OpenAI-wire-format chat-completions server. `faults` is a queue of actions taken, one
-    per request, before it answers normally: an int HTTP status, ("429", retry_after),
-    ("sleep", s), "garbage_body" or "garbage_content". `fail_after` answers HTTP 400 to every
-    request after that many."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.faults: deque = deque()
-        self.requests: list[dict] = []
-        self.fail_after: int | None = None
-        self.lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def prompts(self) -> list[str]:
-        return [r["body"]["messages"][0]["content"] for r in self.requests]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: bytes, headers: dict | None = None):
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        server: FakeOpenAI = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                    "body": body, "t": time.monotonic()})
-            count = len(server.requests)
-            fault = server.faults.popleft() if server.faults else None
-        if server.fail_after is not None and count > server.fail_after:
-            # Echo the credentials, as a careless proxy might: they must not reach any output.
-            return self._send(400, f"bad request ({self.headers['Authorization']})".encode())
-        if isinstance(fault, int):
-            return self._send(fault, b'{"error": "injected"}')
-        if isinstance(fault, tuple) and fault[0] == "429":
-            return self._send(429, b"slow down", {"Retry-After": fault[1]})
-        if isinstance(fault, tuple) and fault[0] == "sleep":
-            time.sleep(fault[1])
-        if fault == "garbage_body":
-            return self._send(200, b"<html>not json</html>")
-        content = ("I think the student is mostly right." if fault == "garbage_content"
-                   else rule_reply(body["messages"][0]["content"]))
-        reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": content}}]}
-        try:
-            self._send(200, json.dumps(reply).encode())
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and went away
 
 
 @pytest.fixture
 def server():
-    srv = FakeOpenAI()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with judge_server() as srv:
+        yield srv
 
 
 def make_judge(url, **kw):
     kw = {"concurrency": 4, "timeout_s": 5.0, "max_retries": 3, "backoff_s": 0.01, **kw}
-    return OpenAIJudge(url, "stub-judge", **kw)
+    return OpenAIJudge(url, "stub-judge", JAX, **kw)
+
+
+def local_judge(generate, model_id, **kw):
+    return LocalJudge(generate, model_id, JAX, max_new_tokens=64, **kw)
 
 
 ITEMS = [
@@ -137,7 +55,7 @@ EXPECTED = [(2,), (2,), (1,), (0,), (0, 2, 0), (2,)]
 
 def test_item_make_cleans_and_dedupes():
     item = JudgeItem.make([" A ", "", None, "B\n(b)"], ["X", " x ", "Y"], ["y", "Z", "z", " "])
-    assert item == JudgeItem(("A", "B (b)"), ("X", "Y"), ("Z",))
+    assert item == JudgeItem("A\nB (b)", ("A", "B (b)"), ("X", "Y"), ("Z",))
     assert JudgeItem.make(["x" * 5000], ["X"]).answers == ("x" * MAX_ANSWER_CHARS,)
     with pytest.raises(DataError, match="no score-2 label"):
         JudgeItem.make(["A"], [" "])
@@ -149,8 +67,8 @@ def test_prompt_lists_both_sets_and_numbered_answers():
     assert "- 3-hydroxyacyl-CoA dehydrogenase deficiency" in prompt
     assert "1. Fabry disease\n2. LCHAD deficiency\n3. 3C syndrome" in prompt
     assert "Broader set:\n(none)\n" in render_prompt(ITEMS[1])
-    assert rule_reply(prompt) == ("1. Fabry disease: score 0\n2. LCHAD deficiency: score 2\n"
-                                  "3. 3C syndrome: score 0")
+    assert rule_reply(prompt) == ("1. Fabry disease: score 0;\n2. LCHAD deficiency: score 2;\n"
+                                  "3. 3C syndrome: score 0;")
 
 
 @pytest.mark.parametrize("reply, scores", [
@@ -164,15 +82,15 @@ def test_prompt_lists_both_sets_and_numbered_answers():
     ("", None),
 ])
 def test_parser_is_strict(reply, scores):
-    verdict = parse_reply(reply, ITEMS[4])
+    verdict = JAX.parse(reply, ITEMS[4])
     assert verdict.scores == scores
     assert verdict.status == ("ok" if scores else "unparsed")
     assert bool(verdict.reason) == (scores is None)
 
 
 def test_score1_without_hypernyms_is_unparsed():
-    assert parse_reply("1. MFS: score 1", ITEMS[1]).status == "unparsed"
-    assert parse_reply("1. MFS: score 2", ITEMS[1]).scores == (2,)
+    assert JAX.parse("1. MFS: score 1", ITEMS[1]).status == "unparsed"
+    assert JAX.parse("1. MFS: score 2", ITEMS[1]).scores == (2,)
 
 
 def test_verdict_top_k():
@@ -180,18 +98,24 @@ def test_verdict_top_k():
     assert Verdict((0, 1, 2, 0, 0)).top(2) == 1
     assert Verdict((0, 1, 2, 0, 0)).top(5) == 2
     assert Verdict(()).top(5) == 0
-    assert Verdict(None, "??", "bad").top(1) is None
+    assert Verdict(None, reply="??", reason="bad").top(1) is None
 
 
 def test_cache_key_covers_everything_that_decides_a_verdict():
-    base = cache_key(ITEMS[0], "m")
-    assert base == cache_key(JudgeItem.make([" Marfan syndrome"], ["Marfan syndrome"],
-                                            ["Syndrome with aortic dilatation"]), "m")
-    assert base != cache_key(ITEMS[0], "other-model")
-    for changed in (JudgeItem(("MFS",), ITEMS[0].score2_labels, ITEMS[0].score1_labels),
-                    JudgeItem(ITEMS[0].answers, ("Marfan",), ITEMS[0].score1_labels),
-                    JudgeItem(ITEMS[0].answers, ITEMS[0].score2_labels, ())):
-        assert cache_key(changed, "m") != base
+    def key(item, model="m", settings=(0.0, 512)):
+        return cache_key(render_prompt(item), model, settings)
+
+    base = key(ITEMS[0])
+    assert base == key(JudgeItem.make([" Marfan syndrome"], ["Marfan syndrome"],
+                                      ["Syndrome with aortic dilatation"]))
+    assert base != key(ITEMS[0], "other-model")
+    assert base != key(ITEMS[0], settings=(0.1, 4096))
+    for changed in (JudgeItem.make(["MFS"], ["Marfan syndrome"],
+                                   ["Syndrome with aortic dilatation"]),
+                    JudgeItem.make(["Marfan syndrome"], ["Marfan"],
+                                   ["Syndrome with aortic dilatation"]),
+                    JudgeItem.make(["Marfan syndrome"], ["Marfan syndrome"])):
+        assert key(changed) != base
 
 
 def test_openai_backend_against_local_server(server, monkeypatch):
@@ -246,7 +170,7 @@ def test_garbage_reply_is_an_unparsed_verdict_not_a_retry(server):
 
 def test_persistent_5xx_gives_up_after_bounded_attempts(server):
     server.faults.extend([503] * 50)
-    with pytest.raises(JudgeError, match="gave up after 4 attempts; last error: HTTP 503"):
+    with pytest.raises(JudgeError, match=r"gave up after 4 attempts \(timeout 5 s each, 3 retries.*last error: HTTP 503"):
         make_judge(server.base_url, concurrency=1, max_retries=3).judge_many(ITEMS[:1])
     assert len(server.requests) == 4
 
@@ -290,13 +214,14 @@ def test_interrupted_run_resumes_from_cache(server, tmp_path):
     assert again == verdicts and server.requests == []
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == len(items)
-    assert {r["version"] for r in records} == {JUDGE_PROMPT_VERSION}
+    assert {r["protocol"] for r in records} == {JAX.version}
 
 
 def test_cache_survives_a_torn_last_line_and_rejects_corruption(tmp_path):
     path = tmp_path / "c.jsonl"
     cache = JudgeCache(path)
-    cache.put(cache_key(ITEMS[1], "m"), "m", ITEMS[1], "1. MFS: score 2")
+    cache.put(cache_key(render_prompt(ITEMS[1]), "m", ()), "m", JAX.version, ITEMS[1],
+              "1. MFS: score 2")
     with open(path, "a") as f:
         f.write('{"key": "abc", "rep')
     reopened = JudgeCache(path)
@@ -348,12 +273,12 @@ def test_local_judge_batches_and_resumes(tmp_path):
     path = tmp_path / "local.jsonl"
     generate = FlakyGenerate(fail_after=1)
     with pytest.raises(RuntimeError, match="device lost"):
-        LocalJudge(generate, "tiny-qwen", batch_size=4, cache=JudgeCache(path)).judge_many(ITEMS)
+        local_judge(generate, "tiny-qwen", batch_size=4, cache=JudgeCache(path)).judge_many(ITEMS)
     assert [len(b) for b in generate.batches] == [4]
     assert len(JudgeCache(path)) == 4
 
     generate = FlakyGenerate()
-    verdicts = LocalJudge(generate, "tiny-qwen", batch_size=4,
+    verdicts = local_judge(generate, "tiny-qwen", batch_size=4,
                           cache=JudgeCache(path)).judge_many(ITEMS + ITEMS[:2])
     assert [v.scores for v in verdicts] == EXPECTED + EXPECTED[:2]
     assert [len(b) for b in generate.batches] == [2]
@@ -362,14 +287,14 @@ def test_local_judge_batches_and_resumes(tmp_path):
 
 def test_local_judge_checks_reply_count():
     with pytest.raises(JudgeError, match="1 replies for 2 prompts"):
-        LocalJudge(lambda prompts: ["x"], "m").judge_many(ITEMS[:2])
+        local_judge(lambda prompts: ["x"], "m").judge_many(ITEMS[:2])
 
 
 def test_cache_is_per_judge_model(tmp_path):
     cache = JudgeCache(tmp_path / "c.jsonl")
-    LocalJudge(FlakyGenerate(), "judge-a", cache=cache).judge_many(ITEMS)
+    local_judge(FlakyGenerate(), "judge-a", cache=cache).judge_many(ITEMS)
     other = FlakyGenerate()
-    LocalJudge(other, "judge-b", cache=cache).judge_many(ITEMS)
+    local_judge(other, "judge-b", cache=cache).judge_many(ITEMS)
     assert sum(len(b) for b in other.batches) == len(ITEMS)
 
 
@@ -391,11 +316,16 @@ def test_judged_rewards_asks_only_what_the_rule_misses(tmp_path):
     labels = [["Marfan syndrome"]] * 6
     hypernyms = [["Syndrome with aortic dilatation"]] * 6
     generate = FlakyGenerate(reply=lambda p: "eh?" if "??" in p else rule_reply(p))
-    judge = LocalJudge(generate, "j", cache=JudgeCache(tmp_path / "c"))
+    judge = local_judge(generate, "j", cache=JudgeCache(tmp_path / "c"))
     rewards, unparsed = judged_rewards(responses, labels, judge, score1_labels=hypernyms,
                                        hypernym_score=0.5)
     assert rewards == [1.0, 1.0, 0.5, 0.1, 0.0, 0.1] and unparsed == 1
     assert sum(len(b) for b in generate.batches) == 4
+    # The unparsed reply is not final: asked again by default, kept with retry_unparsed off.
     assert judged_rewards(responses, labels, judge, score1_labels=hypernyms,
                           hypernym_score=0.5) == (rewards, 1)
-    assert sum(len(b) for b in generate.batches) == 4
+    assert sum(len(b) for b in generate.batches) == 5
+    judge.retry_unparsed = False
+    assert judged_rewards(responses, labels, judge, score1_labels=hypernyms,
+                          hypernym_score=0.5) == (rewards, 1)
+    assert sum(len(b) for b in generate.batches) == 5
