@@ -35,7 +35,7 @@ class GenerationStore:
     """The kept generations of one checkpoint under one set of settings."""
 
     def __init__(self, out_dir: str | Path, checkpoint: str, settings: dict):
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", checkpoint.rstrip("/")).strip("_")[-80:]
+        slug = re.sub(r"[^A-Za-z0-9@._-]+", "_", Path(checkpoint).name).strip("_")[:80]
         self.path = (Path(out_dir) / GENERATIONS_DIR /
                      f"{slug}-{_digest([checkpoint, settings])}.jsonl")
         self._kept: dict[tuple[str, str], tuple[str, int]] = {}

@@ -329,3 +329,66 @@ def test_judged_rewards_asks_only_what_the_rule_misses(tmp_path):
     assert judged_rewards(responses, labels, judge, score1_labels=hypernyms,
                           hypernym_score=0.5) == (rewards, 1)
     assert sum(len(b) for b in generate.batches) == 5
+
+
+def test_rarearena_protocol_call_and_reply(server):
+    from jaxzero.diagnosis.hypernyms import load_hypernyms
+    from jaxzero.diagnosis.protocols import load_protocol
+    protocol = load_protocol("rarearena", FIXTURES / "rarearena")
+    table = load_hypernyms(FIXTURES / "rarearena" / "benchmark_data" / "orphanet_hypernym.json")
+    record = {"id": "a", "labels": ["Marfan syndrome"], "orpha_id": "558",
+              "diagnosis": "Marfan syndrome"}
+    item = protocol.item(record, "1. MFS\n2. Syndrome with aortic dilatation",
+                         ("MFS", "Syndrome with aortic dilatation"), table)
+    judge = OpenAIJudge(server.base_url, "gpt-4o", protocol, timeout_s=5.0)
+    [verdict] = judge.judge_many([item])
+    body = server.requests[0]["body"]
+    assert (body["temperature"], body["max_tokens"], body["model"]) == (0.1, 4096, "gpt-4o")
+    assert body["messages"] == [{"role": "user", "content": protocol.render(item)}]
+    assert "1. MFS\n2. Syndrome with aortic dilatation" in body["messages"][0]["content"]
+    assert verdict.scores == verdict.loose == (2, 1)
+
+
+def test_unparsed_cached_replies_are_asked_again_unless_kept(server, tmp_path):
+    path = tmp_path / "judge_cache.jsonl"
+    server.faults.append("garbage_content")
+    first = make_judge(server.base_url, cache=JudgeCache(path)).judge_many(ITEMS[:2])
+    assert [v.status for v in first] == ["unparsed", "ok"] and len(server.requests) == 2
+    server.requests = []
+    kept = make_judge(server.base_url, cache=JudgeCache(path),
+                      retry_unparsed=False).judge_many(ITEMS[:2])
+    assert kept == first and server.requests == []
+    again = make_judge(server.base_url, cache=JudgeCache(path)).judge_many(ITEMS[:2])
+    assert [v.scores for v in again] == EXPECTED[:2] and len(server.requests) == 1
+    server.requests = []
+    assert make_judge(server.base_url, cache=JudgeCache(path)).judge_many(ITEMS[:2]) == again
+    assert server.requests == []   # the fixed reply, appended last, is the one that counts
+
+
+def test_hung_server_fails_within_the_timeout_and_retry_budget(server):
+    server.hang_s = 30.0
+    judge = make_judge(server.base_url, concurrency=8, timeout_s=0.4, max_retries=1,
+                       backoff_s=0.1)
+    start = time.monotonic()
+    with pytest.raises(JudgeError) as err:
+        judge.judge_many([JudgeItem.make([f"D{i}"], ["X"]) for i in range(8)])
+    elapsed = time.monotonic() - start
+    # 2 attempts x 0.4 s + a 0.1 s backoff, plus one more timeout for requests in flight.
+    assert elapsed < 3.0
+    message = str(err.value)
+    assert "\n" not in message
+    assert "gave up after 2 attempts (timeout 0.4 s each, 1 retries" in message
+
+
+def test_judge_progress_bar_on_a_terminal(server, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    make_judge(server.base_url).judge_many(ITEMS[:3])
+    assert "judging:" in term.getvalue() and "/3 [" in term.getvalue()

@@ -5,44 +5,53 @@ import json
 import pytest
 
 from jaxzero.config.schema import RewardConfig
-from jaxzero.diagnosis.report import (TOP5_TEMPLATE, CaseResult, ranked_answers, render_markdown,
-                                 score_checkpoint, summarize_checkpoint, top5_prompt,
-                                 write_report)
+from jaxzero.diagnosis.report import (TOP5_TEMPLATE, CaseResult, answer_block, ranked_answers,
+                                      render_markdown, score_checkpoint, summarize_checkpoint,
+                                      top5_prompt, write_report)
 from jaxzero.diagnosis.hypernyms import load_hypernyms
-from jaxzero.diagnosis.judge import JUDGE_PROMPT_VERSION, RuleJudge, Verdict
+from jaxzero.diagnosis.judge import RuleJudge
+from jaxzero.diagnosis.protocols import Verdict
 from jaxzero.diagnosis.rarearena import PLACEHOLDER
 from jaxzero.diagnosis.analysis import analyze_response
+from jaxzero.diagnosis.reward import extract_answer
 
 OK = "<think>tall, lens dislocation</think>\n<answer>Marfan syndrome</answer>"
 NO_THINK = "<answer>Marfan syndrome</answer>"
 NO_ANSWER = "I am not sure."
 MIXED = OK + "马凡综合征"
+REWARD = {"mode": "strict", "matcher": "rapidfuzz", "format_score": 0.1, "score": 1.0,
+          "threshold": 0.8}
 
 
-def _case(i, rule, verdict, response, length):
+def _case(i, rule, verdict, response, length, answers=("x",)):
     return CaseResult(case_id=str(i), labels=("Marfan syndrome",), response=response,
-                      answers=("x",), rule_score=rule, verdict=verdict,
+                      answers=answers, rule_score=rule, verdict=verdict,
                       analysis=analyze_response(response), length=length)
 
 
-# rule match | judge top-1 | judge top-5 | format ok | think dropped | mixed (by hand):
+# rule match | loose top-1, top-5 | strict top-1, top-5 | format ok | think dropped | mixed:
 CASES = [
-    _case(0, 1.0, Verdict((2, 0, 0, 0, 0)), OK, 100),              # yes | 2 | 2 | y | n | n
-    _case(1, 0.0, Verdict((1, 2, 0)), NO_THINK, 200),              # no  | 1 | 2 | n | y | n
-    _case(2, 1.0, Verdict((0, 0, 0, 0, 1)), NO_ANSWER, 300),       # yes | 0 | 1 | n | n | n
-    _case(3, 0.0, Verdict(None, "??", "no score lines"), OK, 400),  # unparsed   | y | n | n
-    _case(4, 0.1, Verdict(()), MIXED, 500),                        # no  | 0 | 0 | y | n | y
+    _case(0, 1.0, Verdict.of_scores((2, 0, 0, 0, 0)), OK, 100),    # y | 2 2 | 2 2 | y n n
+    _case(1, 0.0, Verdict.of_scores((1, 2, 0)), NO_THINK, 200),    # n | 1 2 | 1 2 | n y n
+    _case(2, 1.0, Verdict.of_scores((0, 0, 0, 0, 1)), NO_ANSWER, 300),  # y | 0 1 | 0 1 | n n n
+    _case(3, 0.0, Verdict(None, (2,), "1) x - score 2", "unreadable"), OK, 400),  # n | 2 2 | - -
+    _case(4, 0.1, Verdict.of_scores(()), MIXED, 500, answers=()),  # n | 0 0 | 0 0 | y n y
 ]
 
 
 def test_row_numbers_by_hand():
-    row = summarize_checkpoint("run/step_500", CASES, step=500, judge="gpt-4o", top_k=5)
+    row = summarize_checkpoint("run/step_500", CASES, step=500, judge="gpt-4o",
+                               protocol="rarearena:abc", top_k=5)
     assert row == {
         "checkpoint": "run/step_500", "step": 500, "n": 5,
-        "judge": "gpt-4o", "judge_prompt_version": JUDGE_PROMPT_VERSION,
-        "top1": {"score0": 0.5, "score1": 0.25, "score2": 0.25, "total": 0.5},
-        "top5": {"score0": 0.25, "score1": 0.25, "score2": 0.5, "total": 0.75},
-        "judged": 4, "unparsed": 1,
+        "judge": "gpt-4o", "judge_protocol": "rarearena:abc", "reward": REWARD,
+        # RareArena's columns: the loose scores over all five cases.
+        "top1": {"score0": 0.4, "score1": 0.2, "score2": 0.4, "total": pytest.approx(0.6)},
+        "top5": {"score0": 0.2, "score1": 0.2, "score2": 0.6, "total": 0.8},
+        # Beyond RareArena: the strict parse over the four judged cases.
+        "strict_top1": {"score0": 0.5, "score1": 0.25, "score2": 0.25, "total": 0.5},
+        "strict_top5": {"score0": 0.25, "score1": 0.25, "score2": 0.5, "total": 0.75},
+        "judged": 4, "unparsed": 1, "no_score": 0,
         "rule_accuracy": 0.4,
         "agreement": {"score2": 0.75, "total": 0.5},
         "confusion": {"both": 1, "rule_only": 1, "judge_only": 0, "neither": 2},
@@ -59,7 +68,13 @@ def test_row_without_judge_and_with_only_unparsed():
         None, None, None, 0, 0)
     assert row["rule_accuracy"] == 0.4
     row = summarize_checkpoint("b", CASES[3:4], judge="j")
-    assert (row["top1"], row["judged"], row["unparsed"]) == (None, 0, 1)
+    assert (row["strict_top1"], row["judged"], row["unparsed"]) == (None, 0, 1)
+    assert row["top1"] == {"score0": 0.0, "score1": 0.0, "score2": 1.0, "total": 1.0}
+    # A reply without any `score N` is 0 in RareArena's columns, and counted.
+    silent = _case(5, 0.0, Verdict(None, (), "I cannot say", "no score lines"), OK, 10)
+    row = summarize_checkpoint("c", [silent, CASES[0]], judge="j")
+    assert (row["no_score"], row["unparsed"], row["top1"]["score0"], row["top1"]["score2"]) \
+        == (1, 1, 0.5, 0.5)
     with pytest.raises(ValueError, match="every case needs a verdict"):
         summarize_checkpoint("c", CASES, judge=None)
     with pytest.raises(ValueError, match="top_k"):
@@ -67,20 +82,36 @@ def test_row_without_judge_and_with_only_unparsed():
 
 
 def test_report_files(tmp_path):
-    rows = [summarize_checkpoint("step_0", CASES, step=0, judge="gpt-4o", top_k=5),
+    rows = [summarize_checkpoint("step_0", CASES, step=0, judge="gpt-4o", protocol="p:1",
+                                 top_k=5),
             summarize_checkpoint("step_500", [_case(0, 1.0, None, OK, 7)],
                                  step=500)]
-    md_path, json_path = write_report(tmp_path / "out", rows)
-    assert json.loads(json_path.read_text()) == {"version": 1, "rows": rows}
-    lines = md_path.read_text().splitlines()
-    assert lines[0].startswith("| Checkpoint | Step | N | Judge | Top-1 S0 |")
-    assert "Top-5 total" in lines[0] and lines[1].count("---") == lines[0].count("|") - 1
-    assert lines[2] == ("| step_0 | 0 | 5 | gpt-4o | 50.0% | 25.0% | 25.0% | 50.0% | 25.0% | "
-                        "25.0% | 50.0% | 75.0% | 1 | 40.0% | 75.0% | 50.0% | 60.0% | 20.0% | "
-                        "20.0% | 300 |")
-    assert lines[3] == ("| step_500 | 500 | 1 | - | - | - | - | - | - | - | - | - | 0 | 100.0% | "
-                        "- | - | 100.0% | 0.0% | 0.0% | 7 |")
+    skipped = [{"checkpoint": "run@900", "error": "CheckpointError: torn"}]
+    md_path, json_path = write_report(tmp_path / "out", rows, skipped)
+    assert json.loads(json_path.read_text()) == {"version": 2, "rows": rows,
+                                                 "skipped": skipped}
+    text = md_path.read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("| Checkpoint | Step | N | Judge | Protocol | Reward | "
+                               "Top-1 synonym (S2) | Top-1 S1+S2 | Top-1 S1 | Top-1 S0 |")
+    assert "Strict top-5 S1+S2" in lines[0] and lines[1].count("---") == lines[0].count("|") - 1
+    assert lines[2] == ("| step_0 | 0 | 5 | gpt-4o | p:1 | strict/rapidfuzz>0.8 | 40.0% | "
+                        "60.0% | 20.0% | 40.0% | 60.0% | 80.0% | 20.0% | 20.0% | 25.0% | "
+                        "50.0% | 50.0% | 75.0% | 4 | 1 | 0 | 40.0% | 75.0% | 50.0% | 60.0% | "
+                        "20.0% | 20.0% | 300 |")
+    assert lines[3] == ("| step_500 | 500 | 1 | - | - | strict/rapidfuzz>0.8 | - | - | - | - | "
+                        "- | - | - | - | - | - | - | - | 0 | 0 | 0 | 100.0% | - | - | 100.0% | "
+                        "0.0% | 0.0% | 7 |")
+    assert "DiagnosisZero" in text and "- run@900: CheckpointError: torn" in text
     assert "Top-5" not in render_markdown(rows[1:])
+
+
+def test_json_report_has_no_nan(tmp_path):
+    row = summarize_checkpoint("s", [_case(0, 1.0, None, OK, 7)])
+    row["response_length_mean"] = float("nan")
+    _, js = write_report(tmp_path, [row])
+    assert "NaN" not in js.read_text()
+    assert json.loads(js.read_text())["rows"][0]["response_length_mean"] is None
 
 
 def test_top5_prompt_and_ranked_answers():
@@ -92,18 +123,23 @@ def test_top5_prompt_and_ranked_answers():
                 "1. Marfan syndrome;\n2) Homocystinuria\n\n- Ehlers-Danlos syndrome.\n"
                 "* Loeys-Dietz syndrome\n5. Stickler syndrome\n6. Weill-Marchesani syndrome\n"
                 "</answer>")
-    assert ranked_answers(response, 5) == ("marfan syndrome", "homocystinuria",
-                                           "ehlers-danlos syndrome", "loeys-dietz syndrome",
-                                           "stickler syndrome")
-    # Top-1 grades the whole block, exactly what the matching rule reads.
+    assert ranked_answers(response, 5) == ("Marfan syndrome", "Homocystinuria",
+                                           "Ehlers-Danlos syndrome", "Loeys-Dietz syndrome",
+                                           "Stickler syndrome")
+    # Top-1 grades the whole block, what the matching rule reads, as written.
     assert ranked_answers("<answer> Marfan syndrome\n(MFS) </answer>", 1) == (
-        "marfan syndrome\n(mfs)",)
+        "Marfan syndrome\n(MFS)",)
+    for text in (response, "<answer> A\n(B) </answer>", "x", "<answer></answer><answer>C.</answer>"):
+        for mode in ("strict", "flexible"):
+            block = answer_block(text, mode)
+            assert (block and block.lower()) == (extract_answer(text, mode) and
+                                                 extract_answer(text, mode))
     assert ranked_answers("1. Marfan syndrome", 5) == ranked_answers("<answer>", 1) == ()
     assert ranked_answers("<answer>\n \n</answer>", 5) == ()
     # The block is chosen by the reward's mode.
     two = "<answer></answer> then <answer>1. Gaucher disease</answer>"
     assert ranked_answers(two, 5, "strict") == ()
-    assert ranked_answers(two, 5, "flexible") == ("gaucher disease",)
+    assert ranked_answers(two, 5, "flexible") == ("Gaucher disease",)
 
 
 def test_score_checkpoint_end_to_end_with_the_rule_judge(tmp_path):
