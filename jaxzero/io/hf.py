@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from jaxzero.errors import CheckpointError
+from jaxzero.io import staging
 from jaxzero.model.qwen2 import ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
 
@@ -194,12 +195,18 @@ def read_safetensors_headers(hf_dir: str | Path) -> dict[str, _Stored]:
     weight_map, files = _weight_files(hf_dir)
     found: dict[str, _Stored] = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                if weight_map is not None and weight_map.get(name) != path.name:
-                    continue  # the index is authoritative about where a tensor lives
-                s = f.get_slice(name)
-                found[name] = _Stored(path, tuple(s.get_shape()), s.get_dtype())
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    if weight_map is not None and weight_map.get(name) != path.name:
+                        continue  # the index is authoritative about where a tensor lives
+                    s = f.get_slice(name)
+                    found[name] = _Stored(path, tuple(s.get_shape()), s.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({path.stat().st_size:,} bytes; "
+                f"{' '.join(str(e).split())}); it is truncated or damaged, download it "
+                "again") from e
     if weight_map is not None:
         lost = [f"{n} (in {weight_map[n]})" for n in weight_map if n not in found]
         if lost:
@@ -208,8 +215,21 @@ def read_safetensors_headers(hf_dir: str | Path) -> dict[str, _Stored]:
     return found
 
 
+def _stored_layers(found: dict[str, _Stored]) -> set[int]:
+    return {int(name.split(".")[2]) for name in found
+            if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+
+
 def _check_tensors(found: dict[str, _Stored], table: list[TensorMap], config: Qwen2Config,
                    hf_dir: Path) -> None:
+    layers = _stored_layers(found)
+    if layers != set(range(config.num_hidden_layers)):
+        held = (f"{len(layers)} (model.layers.{min(layers)} .. model.layers.{max(layers)})"
+                if layers else "none")
+        raise CheckpointError(
+            f"{hf_dir / 'config.json'}: num_hidden_layers is {config.num_hidden_layers}, but "
+            f"the weights hold layers {held}; the config and the weights are of different "
+            "models")
     expected = {t.hf_name: t for t in table}
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = set(expected) - set(found)
@@ -267,6 +287,14 @@ def _flat_shardings(shardings, table: list[TensorMap]) -> dict[tuple, jax.shardi
     return flat
 
 
+def _no_progress() -> bool | None:
+    """tqdm's `disable`: never on other processes; None lets tqdm hide it off a TTY (logs,
+    pipes), and TQDM_DISABLE=1 hides it everywhere."""
+    if jax.process_index() != 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0"):
+        return True
+    return None
+
+
 def load_hf_checkpoint(hf_dir: str | Path, *, param_dtype, shardings=None):
     """Reads an HF Qwen2 safetensors checkpoint into `(Qwen2Config, nnx.State)`.
 
@@ -290,7 +318,7 @@ def load_hf_checkpoint(hf_dir: str | Path, *, param_dtype, shardings=None):
     params: dict = {}
     order = sorted(table, key=lambda t: t.size, reverse=True)
     for t in tqdm(order, desc=f"reading {hf_dir.name}", unit="tensor",
-                  disable=jax.process_index() != 0):
+                  disable=_no_progress()):
         # One open per tensor: safe_open maps the whole file, and mapped pages that were read
         # count as resident until the mapping closes.
         with safe_open(found[t.hf_name].file, framework="numpy") as f:
@@ -374,6 +402,20 @@ def _plan_shards(table: list[TensorMap], itemsize: int, max_shard_bytes: int):
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _from_main(flag: bool) -> bool:
+    """Process 0's value of `flag`, on every process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def _to_host(x) -> np.ndarray:
     """The whole array on this host; every process must call it (it may gather)."""
     if isinstance(x, np.ndarray):
@@ -384,21 +426,12 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _remove_previous_export(out_dir: Path) -> None:
-    """Deletes an earlier export's weight files, which would otherwise mix with the new ones."""
-    for p in out_dir.iterdir():
-        if p.name in (SINGLE_FILE, INDEX_FILE) or (p.name.startswith("model-")
-                                                   and p.name.endswith(".safetensors")):
-            p.unlink()
-
-
 def default_generation_config(config: Qwen2Config) -> dict[str, Any]:
     """Qwen2.5's convention: <|endoftext|> (the bos id) also ends generation and pads.
 
     For Qwen2.5-Instruct this gives eos [151645, 151643] and pad 151643, as it ships.
     """
-    eos = config.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    eos_ids = list(config.eos_token_id)
     out: dict[str, Any] = {"bos_token_id": config.bos_token_id}
     if config.bos_token_id is not None:
         if config.bos_token_id not in eos_ids:
@@ -434,7 +467,8 @@ def _write_json(path: Path, obj) -> None:
 def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
               dtype: str = "bfloat16", max_shard_bytes: int = 5 * 10**9,
               tokenizer_src: str | Path | None = None,
-              generation_config: str | Path | dict | None = None) -> ExportSummary:
+              generation_config: str | Path | dict | None = None,
+              overwrite: bool = False) -> ExportSummary:
     """Writes an HF Qwen2ForCausalLM directory that `from_pretrained` loads.
 
     Weights go to `model.safetensors`, or to `model-0000i-of-0000n.safetensors` plus
@@ -442,8 +476,9 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
     config.json, generation_config.json (copied from a path, written from a dict, or the
     Qwen defaults) and the tokenizer files of `tokenizer_src`. Tensors are fetched to the
     host one at a time; with several processes every one must call this (they take part in
-    the gathers) and only process 0 writes. Weight files of an earlier export in `out_dir`
-    are replaced.
+    the gathers) and only process 0 writes. A non-empty `out_dir` is refused unless
+    `overwrite`; the files are written into a hidden sibling that replaces `out_dir` only once
+    complete, so a failed export leaves the old directory as it was.
     """
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
@@ -465,14 +500,20 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
         raise CheckpointError(f"{generation_config}: no such generation config file")
     out_dir = Path(out_dir)
     main = jax.process_index() == 0
-    shards = _plan_shards(table, np_dtype.itemsize, max_shard_bytes)
+    refused = None
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_previous_export(out_dir)
+        try:
+            staging.check_target(out_dir, replace=overwrite)
+        except CheckpointError as e:
+            refused = e
+    if _from_main(refused is not None):  # every process stops, not only the one that looked
+        raise refused or CheckpointError(f"{out_dir}: process 0 refused to export there")
+    shards = _plan_shards(table, np_dtype.itemsize, max_shard_bytes)
+    work = staging.begin(out_dir) if main else None
     with tqdm(total=len(table), desc=f"writing {out_dir.name}", unit="tensor",
-              disable=not main) as bar:
+              disable=_no_progress()) as bar:
         for file_name, tensors in shards:
-            writer = _SafetensorsWriter(out_dir / file_name, tensors, st_dtype) if main else None
+            writer = _SafetensorsWriter(work / file_name, tensors, st_dtype) if main else None
             for t in tensors:
                 host = _to_host(flat[t.path])
                 if writer is not None:
@@ -486,20 +527,19 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
     others = ["config.json", "generation_config.json"]
     if main:
         if len(shards) > 1:
-            _write_json(out_dir / INDEX_FILE, {
+            _write_json(work / INDEX_FILE, {
                 "metadata": {"total_size": total},
                 "weight_map": {t.hf_name: name for name, ts in shards for t in ts}})
             others.insert(0, INDEX_FILE)
-        _write_json(out_dir / "config.json", config.to_hf_dict(torch_dtype=dtype))
+        _write_json(work / "config.json", config.to_hf_dict(torch_dtype=dtype))
         if isinstance(generation_config, (str, Path)):
-            shutil.copyfile(generation_config, out_dir / "generation_config.json")
+            shutil.copyfile(generation_config, work / "generation_config.json")
         else:
-            _write_json(out_dir / "generation_config.json",
+            _write_json(work / "generation_config.json",
                         generation_config or default_generation_config(config))
         if tokenizer_src is not None:
-            others += copy_tokenizer_files(tokenizer_src, out_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("export_hf")
+            others += copy_tokenizer_files(tokenizer_src, work)
+        staging.commit(work, out_dir)
+    _sync("export_hf")
     return ExportSummary(out_dir, tuple(name for name, _ in shards), tuple(others),
                          len(table), total, dtype)

@@ -12,8 +12,6 @@ Layout (the trainer's run directory has the same one, plus its own files):
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -23,87 +21,16 @@ import numpy as np
 from flax import nnx
 
 from jaxzero.io import hf as hf_io
+from jaxzero.io import staging
 from jaxzero.io.checkpoint import CheckpointStore
+from jaxzero.io.identity import (CHECKPOINTS, GENERATION_CONFIG, MODEL_CONFIG, TOKENIZER_DIR,
+                                 ModelSource, is_jaxzero_dir, read_model_config, resolve_source,
+                                 write_model_config)
 from jaxzero.errors import CheckpointError
 from jaxzero.model.qwen2 import ModelOptions, Qwen2ForCausalLM, abstract_model
 from jaxzero.model.config import Qwen2Config
 
-MODEL_CONFIG = "model_config.json"
-TOKENIZER_DIR = "tokenizer"
-GENERATION_CONFIG = "generation_config.json"
-CHECKPOINTS = "checkpoints"
 CONVERTED_STEP = 0
-# What a hub download needs: configs, weights, tokenizer; never pickled weights.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
-
-
-def is_jaxzero_dir(path: str | Path) -> bool:
-    return (Path(path) / MODEL_CONFIG).is_file()
-
-
-def read_model_config(path: str | Path) -> tuple[Qwen2Config, str]:
-    """(architecture, param dtype name) from DIR/model_config.json; unknown keys are errors."""
-    file = Path(path) / MODEL_CONFIG
-    try:
-        fields = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: cannot read ({e})") from e
-    known = {f.name for f in dataclasses.fields(Qwen2Config)}
-    unknown = sorted(set(fields) - known - {"param_dtype"})
-    if unknown or "param_dtype" not in fields:
-        raise CheckpointError(f"{file}: unknown fields {unknown}" if unknown else
-                              f"{file}: no param_dtype")
-    param_dtype = fields.pop("param_dtype")
-    return Qwen2Config.from_dict(fields), param_dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a jaxzero dir or an HF dir (a hub id resolves to one)."""
-
-    kind: str  # "jaxzero" or "hf"
-    path: Path
-    config: Qwen2Config
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / TOKENIZER_DIR if self.kind == "jaxzero" else self.path
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
-        reason = " ".join(str(e).split())
-        raise CheckpointError(
-            f"{repo_id!r} is not a local directory and could not be fetched from the HF hub "
-            f"or found in its cache ({type(e).__name__}: {reason}). Download it first, e.g. "
-            f"`hf download {repo_id}` (`huggingface-cli download {repo_id}` with older "
-            "huggingface_hub), or pass a local model directory.") from e
-
-
-def resolve_source(path_or_hub_id: str | Path) -> ModelSource:
-    """Finds the model: a jaxzero dir, an HF dir (config.json), or a hub id such as
-    Qwen/Qwen2.5-3B-Instruct (from the HF cache, or downloaded when online)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        if is_jaxzero_dir(path):
-            return ModelSource("jaxzero", path, read_model_config(path)[0])
-        if (path / "config.json").is_file():
-            return ModelSource("hf", path, Qwen2Config.from_hf_dir(path))
-        if (path.parent.parent / MODEL_CONFIG).is_file() and path.parent.name == CHECKPOINTS:
-            raise CheckpointError(f"{path} is one checkpoint step; pass the model directory "
-                                  f"{path.parent.parent} (and the step, if not the latest)")
-        raise CheckpointError(f"{path}: neither a jaxzero model dir ({MODEL_CONFIG}) nor an HF "
-                              "model dir (config.json)")
-    text = str(path_or_hub_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{text}: no such model directory (nor a hub id like "
-                              "Qwen/Qwen2.5-3B-Instruct)")
-    local = _download(text)
-    return ModelSource("hf", local, Qwen2Config.from_hf_dir(local))
 
 
 def _store(path: Path) -> CheckpointStore:
@@ -176,40 +103,51 @@ def _param_dtype_name(flat: dict) -> str:
     return dtypes.pop()
 
 
+def _refuse_taken(out_dir: Path) -> None:
+    if is_jaxzero_dir(out_dir) or (out_dir / CHECKPOINTS).exists():
+        raise CheckpointError(f"{out_dir} already holds a jaxzero model; choose a new directory")
+    staging.check_target(out_dir, replace=False, flag=None)
+
+
 def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
                    tokenizer_src: str | Path | None, *,
                    generation_config: str | Path | None = None,
                    source: str = "") -> list[str]:
     """Writes a jaxzero model dir holding `model_or_state` as checkpoint step 0.
 
-    Refuses a directory that already holds a model. Every process must call this (the
-    checkpoint write is collective); process 0 writes the small files. Returns what it wrote.
+    Everything goes to a hidden sibling first, renamed to `out_dir` once complete, so an
+    interrupted conversion leaves no directory (nor a torn tokenizer.json) behind and can
+    simply be run again. Refuses an `out_dir` that is not empty. Every process must call this
+    (the checkpoint write is collective); process 0 writes the small files. Returns what it
+    wrote.
     """
     out_dir = Path(out_dir)
-    taken = is_jaxzero_dir(out_dir) or (out_dir / CHECKPOINTS).exists()
+    try:
+        _refuse_taken(out_dir)
+        refused = None
+    except CheckpointError as e:
+        refused = e
     _sync("save_converted: looked")  # every process looks before process 0 writes
-    if taken:
-        raise CheckpointError(f"{out_dir} already holds a jaxzero model; choose a new directory")
+    if refused is not None:
+        raise refused
     params = hf_io.pure_params(model_or_state)
     flat = hf_io.flatten_pure(params)
     want = {t.path: t.shape for t in hf_io.tensor_table(config)}
     if {p: tuple(x.shape) for p, x in flat.items()} != want:
         raise CheckpointError("parameters do not match the model config")
     param_dtype = _param_dtype_name(flat)
+    work = staging.sibling(out_dir, "partial")
     written = []
     if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MODEL_CONFIG).write_text(
-            json.dumps(dict(config.to_dict(), param_dtype=param_dtype), indent=1) + "\n")
-        written.append(MODEL_CONFIG)
+        staging.begin(out_dir)
         if tokenizer_src is not None:
-            names = hf_io.copy_tokenizer_files(tokenizer_src, out_dir / TOKENIZER_DIR)
+            names = hf_io.copy_tokenizer_files(tokenizer_src, work / TOKENIZER_DIR)
             written += [f"{TOKENIZER_DIR}/{n}" for n in names]
         if generation_config is not None:
-            shutil.copyfile(generation_config, out_dir / GENERATION_CONFIG)
+            shutil.copyfile(generation_config, work / GENERATION_CONFIG)
             written.append(GENERATION_CONFIG)
     _sync("save_converted: small files written")
-    store = CheckpointStore(out_dir / CHECKPOINTS, keep=1)
+    store = CheckpointStore(work / CHECKPOINTS, keep=1)
     try:
         store.save(CONVERTED_STEP, {"params": params},
                    {"step": CONVERTED_STEP, "model_config": config.to_dict(),
@@ -218,43 +156,53 @@ def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
     finally:
         store.close()
     written.append(f"{CHECKPOINTS}/{CONVERTED_STEP}")
-    return written
+    _sync("save_converted: checkpoint written")
+    if jax.process_index() == 0:
+        # The identity goes last: a directory with model_config.json is complete.
+        write_model_config(work, config, param_dtype)
+        staging.commit(work, out_dir)
+    _sync("save_converted: committed")
+    return [MODEL_CONFIG] + written
 
 
 # ---------------------------------------------------------------- `jaxzero convert`
 
 
 def convert_hf_to_jax(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> None:
-    """HF dir (or hub id) -> jaxzero model dir, parameters stored in `dtype`."""
+    """HF dir (or hub id) -> jaxzero model dir, parameters stored in `dtype`.
+
+    The source must have its tokenizer files: a jaxzero dir without them could not generate
+    or train (they are checked to round-trip a chat prompt when loaded).
+    """
+    from jaxzero.io.tokenizer import require_files
     source = resolve_source(hf_dir)
     if source.kind != "hf":
         raise CheckpointError(f"{hf_dir} is already a jaxzero model dir")
+    _refuse_taken(Path(out_dir))
+    require_files(source.path)
     config, state = hf_io.load_hf_checkpoint(source.path, param_dtype=dtype)
-    has_tokenizer = any((source.path / n).is_file() for n in hf_io.TOKENIZER_FILES)
-    gen = source.path / GENERATION_CONFIG
-    written = save_converted(out_dir, state, config, source.path if has_tokenizer else None,
-                             generation_config=gen if gen.is_file() else None,
-                             source=str(hf_dir))
+    written = save_converted(out_dir, state, config, source.path,
+                             generation_config=source.generation_config, source=str(hf_dir))
     print(f"converted {hf_dir} ({config.num_params() / 1e9:.3f}B parameters, {dtype}) -> "
           f"{out_dir}: {', '.join(written)}")
-    if not has_tokenizer:
-        print(f"note: {source.path} has no tokenizer files, so none were copied; set "
-              "model.tokenizer when training from this directory")
 
 
 def convert_jax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, step: int | None = None,
-                      dtype: str = "bfloat16") -> hf_io.ExportSummary:
-    """jaxzero model or run dir (checkpoint `step`, default the latest) -> HF dir in `dtype`."""
+                      dtype: str = "bfloat16", force: bool = False) -> hf_io.ExportSummary:
+    """jaxzero model or run dir (checkpoint `step`, default the latest) -> HF dir in `dtype`.
+
+    A non-empty `out_dir` is refused unless `force`; the export is then written beside it and
+    swapped in at the end, so a crash leaves the old files.
+    """
     source = resolve_source(ckpt_dir)
     if source.kind != "jaxzero":
         raise CheckpointError(f"{ckpt_dir} is an HF model dir, not a jaxzero one")
-    stored_dtype = read_model_config(source.path)[1]
-    config, state = load_params(source.path, step=step, param_dtype=stored_dtype)
-    gen = source.path / GENERATION_CONFIG
+    staging.check_target(Path(out_dir), replace=force)
+    config, state = load_params(source.path, step=step, param_dtype=source.param_dtype)
     tok = source.tokenizer_dir
     summary = hf_io.export_hf(state, config, out_dir, dtype=dtype,
                               tokenizer_src=tok if tok.is_dir() else None,
-                              generation_config=gen if gen.is_file() else None)
+                              generation_config=source.generation_config, overwrite=force)
     print(summary.format())
     if not tok.is_dir():
         print(f"note: {source.path} has no {TOKENIZER_DIR}/, so the export has no tokenizer; "

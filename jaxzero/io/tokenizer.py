@@ -175,15 +175,60 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# A conversation every chat template renders; its text must come back from encode + decode.
+_PROBE = [{"role": "user", "content": "Which rare disease fits? Fever 39.5 °C, café-au-lait."}]
+
+
+def missing_files(directory: Path) -> list[str]:
+    """The files a fast or slow BPE tokenizer needs that `directory` lacks."""
+    have = {p.name for p in directory.iterdir()}
+    missing = []
+    if "tokenizer.json" not in have and not {"vocab.json", "merges.txt"} <= have:
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if "tokenizer_config.json" not in have:
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def require_files(directory: Path) -> None:
+    """Refuses a directory without the files a tokenizer is built from, naming them."""
+    missing = missing_files(directory)
+    if missing:
+        raise JaxzeroError(
+            f"{directory}: no usable tokenizer, missing {' and '.join(missing)}. Copy the "
+            "tokenizer files of the model it came from into it, or pass the tokenizer's "
+            "directory (model.tokenizer in a run config).")
+
+
+def check_round_trip(tokenizer, src: str) -> None:
+    """Refuses a tokenizer that cannot render and read back a chat prompt: transformers
+    builds a 1-token tokenizer from a directory without vocabulary, and every completion
+    would then decode to ""."""
+    if not tokenizer.chat_template:
+        raise JaxzeroError(f"tokenizer {src!r} has no chat template (tokenizer_config.json's "
+                           "chat_template, or chat_template.jinja); jaxzero's prompts need one")
+    text = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    back = tokenizer.decode(ids)
+    if back != text:
+        raise JaxzeroError(
+            f"tokenizer {src!r} does not round-trip a chat prompt ({len(tokenizer)} tokens in "
+            f"its vocabulary; {text!r} came back as {back!r}); it is not a usable tokenizer")
+
+
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
-    """AutoTokenizer for an HF model directory or hub id; JaxzeroError if it cannot be loaded."""
+    """AutoTokenizer for an HF model directory or hub id, checked to round-trip a chat
+    prompt; JaxzeroError, naming the missing files, if it cannot be loaded or is unusable."""
     from transformers import AutoTokenizer
 
     src = str(path_or_hub_id)
+    local = Path(src).is_dir()
+    if local:
+        require_files(Path(src))
     try:
-        return AutoTokenizer.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, KeyError) as e:
-        where = ("the local directory" if Path(src).is_dir() else
+        where = ("the local directory" if local else
                  "a hub id (only usable offline if it is already in the HF cache)")
         reason = " ".join(str(e).split()).rstrip(".")  # the CLI prints errors on one line
         raise JaxzeroError(
@@ -191,6 +236,18 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
             f"{reason}. "
             "Pass a model directory holding tokenizer.json and tokenizer_config.json, or a "
             "hub id with network access or a warm HF cache.") from e
+    check_round_trip(tokenizer, src)
+    return tokenizer
+
+
+def encode_prompts(tokenizer, texts: list[str], *, chat: bool) -> list[list[int]]:
+    """Token ids of each text; with `chat`, as one user turn through the chat template with
+    the generation prompt (for Qwen2.5-Instruct this adds its default system message)."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                               add_generation_prompt=True, tokenize=False)
+                 for t in texts]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

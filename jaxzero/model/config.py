@@ -1,4 +1,4 @@
-"""Qwen2 architecture config: read from an HF `config.json`, written back on export, plus presets."""
+"""Qwen2 architecture config: the one rule for an HF `config.json`'s keys, the export, presets."""
 
 from __future__ import annotations
 
@@ -9,20 +9,100 @@ from typing import Any
 
 from jaxzero.errors import CheckpointError
 
-# Fields of an HF Qwen2 config.json that carry no architecture (bookkeeping, generation
-# defaults, training-only switches that are off); everything else must be understood.
-_IGNORED_HF_KEYS = frozenset({
+# Keys that describe the file or the saving library, not the computation.
+_METADATA_KEYS = frozenset({
     "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "output_hidden_states", "output_attentions", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "_name_or_path", "pad_token_id", "bos_token_id", "eos_token_id", "max_window_layers",
-    "sliding_window", "layer_types", "attention_dropout", "use_mrope", "tokenizer_class",
+    "torchscript", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+    "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params",
+    "prefix", "tokenizer_class", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "tf_legacy_loss", "use_bfloat16", "pruned_heads",
 })
+# Generation defaults that older savers put into config.json; generation_config.json and
+# the sampler's own settings are what jaxzero uses.
+_GENERATION_KEYS = frozenset({
+    "max_length", "min_length", "max_new_tokens", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+})
+# Keys transformers' Qwen2 reads that jaxzero supports only with one value (or, for the
+# sliding-window numbers, only while sliding windows are off).
+_SWITCHES = frozenset({
+    "model_type", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
+    "layer_types", "use_mrope", "rope_scaling", "rope_parameters", "attention_dropout",
+    "quantization_config",
+})
+
+
+def _token_ids(value, key: str, source: str) -> tuple[int, ...]:
+    """An HF token-id field (an int, a list of ints or null) as a tuple."""
+    ids = [] if value is None else value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{source}: {key} is {value!r}; expected a token id, a list of "
+                              "them or null")
+    return tuple(ids)
+
+
+def _refuse(source: str, key: str, value, why: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {key}={json.dumps(value)} is not supported: {why}")
+
+
+def _check_switches(hf: dict[str, Any], source: str) -> float | None:
+    """Refuses any value that would change the computation; returns rope_parameters' theta."""
+    if hf.get("model_type") != "qwen2":
+        raise CheckpointError(
+            f"{source}: model_type is {hf.get('model_type')!r}; jaxzero supports only 'qwen2' "
+            "(Qwen2 / Qwen2.5 causal LMs)")
+    archs = hf.get("architectures")
+    if archs is not None and archs != ["Qwen2ForCausalLM"]:
+        raise _refuse(source, "architectures", archs, "jaxzero reads Qwen2ForCausalLM "
+                      "checkpoints (a language-model head), nothing else")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse(source, "hidden_act", hf["hidden_act"], "Qwen2 uses 'silu'")
+    if hf.get("use_sliding_window"):
+        raise _refuse(source, "use_sliding_window", hf["use_sliding_window"],
+                      f"jaxzero implements full attention only (sliding_window="
+                      f"{hf.get('sliding_window')})")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise _refuse(source, "layer_types", layer_types, "jaxzero implements "
+                      "full_attention layers only")
+    if hf.get("use_mrope"):
+        raise _refuse(source, "use_mrope", hf["use_mrope"], "multimodal rotary embeddings "
+                      "are Qwen2-VL's; jaxzero implements text-only Qwen2")
+    scaling = hf.get("rope_scaling")
+    if scaling and (set(scaling) - {"type", "rope_type"}
+                    or scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise _refuse(source, "rope_scaling", scaling, "jaxzero implements default rotary "
+                      "embeddings (no yarn, dynamic or linear scaling)")
+    rope = hf.get("rope_parameters")
+    theta = None
+    if rope is not None:
+        if not isinstance(rope, dict) or set(rope) - {"rope_type", "type", "rope_theta"} or \
+                rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise _refuse(source, "rope_parameters", rope, "jaxzero implements default "
+                          "rotary embeddings (a rope_theta and nothing else)")
+        theta = rope.get("rope_theta")
+    if hf.get("attention_dropout") not in (None, 0, 0.0):
+        raise _refuse(source, "attention_dropout", hf["attention_dropout"],
+                      "jaxzero trains without dropout")
+    if "quantization_config" in hf:
+        raise _refuse(source, "quantization_config", hf["quantization_config"],
+                      "jaxzero reads unquantised float weights only")
+    return theta
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """The architecture numbers of a Qwen2/Qwen2.5 causal LM (HF field names)."""
+    """The architecture numbers of a Qwen2/Qwen2.5 causal LM (HF field names).
+
+    Hashable, so it can be part of a static jit argument: `eos_token_id` is always a tuple.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -36,9 +116,11 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
+    eos_token_id: tuple[int, ...] = (151645,)
 
     def __post_init__(self):
+        object.__setattr__(self, "eos_token_id",
+                           _token_ids(self.eos_token_id, "eos_token_id", "Qwen2Config"))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -64,60 +146,60 @@ class Qwen2Config:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "Qwen2Config":
-        """Validates an HF config dict; refuses other architectures and unsupported features."""
-        model_type = hf.get("model_type")
-        if model_type != "qwen2":
-            raise CheckpointError(
-                f"{source}: model_type is {model_type!r}; jaxzero supports only 'qwen2' "
-                "(Qwen2 / Qwen2.5 causal LMs)")
-        if hf.get("use_sliding_window"):
-            raise CheckpointError(
-                f"{source}: use_sliding_window is true (sliding_window={hf.get('sliding_window')}); "
-                "jaxzero implements full attention only")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{source}: hidden_act is {hf['hidden_act']!r}; Qwen2 uses 'silu'")
-        rope = hf.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = hf.get("rope_scaling")
-        if rope_type != "default" or scaling:
-            raise CheckpointError(
-                f"{source}: rope scaling {scaling or rope} is not supported; "
-                "jaxzero implements default rotary embeddings")
-        if hf.get("attention_dropout", 0.0):
-            raise CheckpointError(
-                f"{source}: attention_dropout={hf['attention_dropout']}; jaxzero trains without dropout")
-        known = {f.name for f in dataclasses.fields(cls)} | {"model_type", "hidden_act",
-                                                             "rope_parameters", "rope_scaling",
-                                                             "use_sliding_window"}
-        unknown = sorted(set(hf) - known - _IGNORED_HF_KEYS)
+        """The one rule for an HF config.json: keys beginning with `_`, metadata and
+        generation defaults are ignored; the architecture numbers are read; a key that would
+        change the computation, or one jaxzero does not know, is refused, naming it."""
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, found "
+                                  f"{type(hf).__name__}")
+        rope_theta = _check_switches(hf, source)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in hf if not k.startswith("_") and k not in fields
+                         and k not in _METADATA_KEYS | _GENERATION_KEYS | _SWITCHES)
         if unknown:
-            raise CheckpointError(f"{source}: unsupported Qwen2 config fields {unknown}")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim") or 0,
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            rope_theta=float(theta),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
+            raise CheckpointError(
+                f"{source}: unknown Qwen2 config keys "
+                + ", ".join(f"{k}={json.dumps(hf[k])}" for k in unknown)
+                + "; jaxzero cannot tell whether they change the computation, so it refuses "
+                "them (delete them from the file if they are only notes)")
+        if rope_theta is None:
+            rope_theta = hf.get("rope_theta", 10000.0)
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise CheckpointError(f"{source}: missing {', '.join(missing)}")
+        try:
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=int(hf["num_attention_heads"]),
+                num_key_value_heads=int(hf.get("num_key_value_heads")
+                                        or hf["num_attention_heads"]),
+                head_dim=int(hf.get("head_dim") or 0),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+                rope_theta=float(rope_theta),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=_token_ids(hf.get("eos_token_id"), "eos_token_id", source),
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: {e}") from e
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from e
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "Qwen2Config":
         config_path = Path(path) / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{path}: no config.json; expected an HF model directory")
-        return cls.from_hf_dict(json.loads(config_path.read_text()), source=str(config_path))
+        return cls.from_hf_dict(read_json(config_path), source=str(config_path))
 
     def to_hf_dict(self, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """An HF config.json for Qwen2ForCausalLM."""
+        eos = list(self.eos_token_id)
         out = {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -136,7 +218,7 @@ class Qwen2Config:
             "sliding_window": None,
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
             "torch_dtype": torch_dtype,
             "use_cache": True,
         }
@@ -145,11 +227,34 @@ class Qwen2Config:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-native fields (lists, not tuples), as model_config.json and checkpoint metas
+        store them."""
+        return dict(dataclasses.asdict(self), eos_token_id=list(self.eos_token_id))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Qwen2Config":
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], *, source: str = "model config") -> "Qwen2Config":
+        """The inverse of to_dict; an unknown or missing field is an error naming `source`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown fields {unknown}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise CheckpointError(f"{source}: {e}") from e
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a missing, unreadable or malformed file is one error naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
+                              f"{e.colno})") from e
 
 
 # Public Qwen2.5-Instruct architecture numbers (their HF config.json files).
@@ -174,25 +279,3 @@ def preset(name: str) -> Qwen2Config:
     if key not in PRESETS:
         raise CheckpointError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
     return PRESETS[key]
-
-
-def resolve_model_config(path_or_id: str) -> Qwen2Config:
-    """The architecture of an HF dir, a jaxzero dir, or a Qwen2.5 hub id (by its preset).
-
-    Reading a hub id's preset needs no download, so `jaxzero plan` works before the weights
-    are fetched.
-    """
-    path = Path(path_or_id)
-    if (path / "model_config.json").is_file():
-        fields = json.loads((path / "model_config.json").read_text())
-        known = {f.name for f in dataclasses.fields(Qwen2Config)}
-        return Qwen2Config.from_dict({k: v for k, v in fields.items() if k in known})
-    if (path / "config.json").is_file():
-        return Qwen2Config.from_hf_dir(path)
-    name = str(path_or_id).lower().split("/")[-1]
-    for key, cfg in PRESETS.items():
-        if name.startswith(key + "-") or name == key:
-            return cfg
-    raise CheckpointError(
-        f"{path_or_id}: not an HF model dir (no config.json), not a jaxzero dir (no "
-        f"model_config.json), and not a known Qwen2.5 hub id ({', '.join(PRESETS)})")

@@ -120,14 +120,42 @@ def test_export_reads_the_source_generation_config(tmp_path, untied_model):
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_p"] == 0.8
 
 
-def test_export_replaces_an_earlier_export(tmp_path, untied_model):
+def test_export_refuses_a_non_empty_dir_and_replaces_it_only_when_asked(tmp_path,
+                                                                        untied_model):
     src = save_hf(untied_model, tmp_path / "hf")
     config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
     out = tmp_path / "out"
     hf_io.export_hf(state, config, out, dtype="float32", max_shard_bytes=20_000)
-    hf_io.export_hf(state, config, out, dtype="bfloat16")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match="exists and is not empty.*--force"):
+        hf_io.export_hf(state, config, out, dtype="bfloat16")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    hf_io.export_hf(state, config, out, dtype="bfloat16", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
                                                      "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no staging left
+
+
+def test_a_crash_mid_export_leaves_the_old_files(tmp_path, untied_model, monkeypatch):
+    src = save_hf(untied_model, tmp_path / "hf")
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    out = tmp_path / "out"
+    hf_io.export_hf(state, config, out, dtype="float32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def crash(self, name, x):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hf_io._SafetensorsWriter, "write", crash)
+    with pytest.raises(OSError, match="No space left"):
+        hf_io.export_hf(state, config, out, dtype="bfloat16", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    hf_io.export_hf(state, config, out, dtype="bfloat16", overwrite=True)  # the leftover goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
+    assert hf_tensors(out)["model.norm.weight"].dtype == np.dtype(jnp.bfloat16)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
