@@ -41,7 +41,7 @@ def run(args) -> None:
     import jax
 
     from jaxzero.config.files import load_config
-    from jaxzero.diagnosis.demo import architecture
+    from jaxzero.io.identity import run_architecture
     from jaxzero.parallel.sharding import make_mesh
     from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
     cfg = load_config(args.config, args.overrides)
@@ -49,7 +49,7 @@ def run(args) -> None:
     if args.mesh:
         mesh_sizes.update(parse_mesh(args.mesh))
     mesh = make_mesh(**mesh_sizes)
-    model_config = architecture(cfg.model)
+    model_config = run_architecture(cfg.model)
     inputs = PlanInputs(
         prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
         prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,

@@ -16,33 +16,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxzero.model.config import Qwen2Config
+from jaxzero.io import identity
 from jaxzero.parallel.sharding import batch_sharding
 from jaxzero.rl.train_step import completion_logprobs
 
 WARMUP_THINK = "The findings point to one rare disease."
-
-
-def demo_model_config(*, vocab_size: int, layers: int, hidden: int, heads: int, kv_heads: int,
-                      intermediate: int) -> Qwen2Config:
-    """A tiny Qwen2-architecture model over the real Qwen2.5 vocabulary."""
-    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, rope_theta=1_000_000.0,
-                       tie_word_embeddings=True, max_position_embeddings=4096,
-                       bos_token_id=151643, eos_token_id=151645)
-
-
-def architecture(model) -> Qwen2Config:
-    """The architecture a run's `model` config section names: the demo's tiny model, or that
-    of an HF dir, jaxzero dir or Qwen2.5 hub id (read without loading weights)."""
-    if model.demo:
-        return demo_model_config(vocab_size=151936, layers=model.demo_layers,
-                                 hidden=model.demo_hidden, heads=model.demo_heads,
-                                 kv_heads=model.demo_kv_heads,
-                                 intermediate=model.demo_intermediate)
-    from jaxzero.model.config import resolve_model_config
-    return resolve_model_config(model.path)
 
 
 def warmup_target(diagnosis: str) -> str:
@@ -74,7 +52,7 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     optimizer = optax.adam(lr)
     opt_state = optimizer.init(params)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = identity.pad_id(tokenizer, (eos,))
     rng = np.random.default_rng(seed)
 
     def loss_fn(p, tokens, valid, mask):

@@ -20,7 +20,6 @@ from jaxzero.parallel import distributed
 from jaxzero.rl import grpo
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.rl.loader import PromptLoader
-from jaxzero.diagnosis.demo import architecture
 from jaxzero.errors import CheckpointError, ConfigError
 from jaxzero.monitor.writer import MetricsWriter
 from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
@@ -150,11 +149,11 @@ def _load_data(cfg, run_dir: Path, tokenizer):
 
 def _with_token_ids(records, tokenizer, max_len):
     """Prepared files made without a tokenizer are tokenized here (chat template applied)."""
+    from jaxzero.io.tokenizer import encode_prompts
     for r in records:
         if not r.get("prompt_token_ids"):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                 add_generation_prompt=True, tokenize=False)
-            r["prompt_token_ids"] = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+            ids = encode_prompts(tokenizer, [r["prompt"]], chat=True)[0]
+            r["prompt_token_ids"] = ids[-max_len:]
     return records
 
 
@@ -165,21 +164,14 @@ def _sync(name: str) -> None:
 
 
 def _model_and_tokenizer(cfg, run_dir: Path):
-    """(model config, tokenizer, host-or-device initial params or None, reference source)."""
-    from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer
+    """The model's identity (architecture, tokenizer, stop and pad ids); its tokenizer is
+    kept in the run dir."""
+    from jaxzero.io.identity import identify_run_model
+    identity = identify_run_model(cfg.model)
     tok_dir = run_dir / "tokenizer"
-    if cfg.model.demo:
-        src = demo_tokenizer_dir()
-    elif cfg.model.tokenizer:
-        src = cfg.model.tokenizer
-    else:
-        from jaxzero.io.model_dir import resolve_source
-        src = resolve_source(cfg.model.path).tokenizer_dir  # HF dir, or a jaxzero dir's copy
-    tokenizer = load_tokenizer(src)
     if distributed.is_main_process() and not tok_dir.exists():
-        tokenizer.save_pretrained(tok_dir)
-    model_config = architecture(cfg.model)
-    return model_config, tokenizer
+        identity.tokenizer.save_pretrained(tok_dir)
+    return identity
 
 
 def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
@@ -187,11 +179,11 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # fail fast on a bad mesh
     _prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
     _sync("run dir")
-    model_config, tokenizer = _model_and_tokenizer(cfg, run_dir)
+    identity = _model_and_tokenizer(cfg, run_dir)
+    model_config, tokenizer = identity.config, identity.tokenizer
     if distributed.is_main_process():
-        (run_dir / "model_config.json").write_text(
-            __import__("json").dumps(dict(model_config.to_dict(),
-                                          param_dtype=cfg.model.param_dtype), indent=1))
+        from jaxzero.io.identity import write_model_config
+        write_model_config(run_dir, model_config, cfg.model.param_dtype)
     train_records, test_records = _load_data(cfg, run_dir, tokenizer)
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
@@ -264,8 +256,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     sampler = Sampler(graphdef, model_config, mesh=mesh,
                       max_new_tokens=cfg.rollout.max_new_tokens,
                       buckets=tuple(cfg.data.prompt_buckets),
-                      stop_ids=tuple(_stop_ids(tokenizer)),
-                      pad_id=_pad_id(tokenizer))
+                      stop_ids=identity.stop_ids, pad_id=identity.pad_id)
     r = cfg.reward
     reward_kwargs = dict(mode=r.mode, format_score=r.format_score, score=r.score,
                          threshold=r.threshold, matcher=r.matcher)
@@ -356,13 +347,3 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
         return arrays["params"]
     return to_compute(_initial_params(cfg, model_config, options, abstract_params, shardings,
                                       log))
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    from jaxzero.io.tokenizer import stop_token_ids
-    return stop_token_ids(tokenizer)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id

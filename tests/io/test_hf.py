@@ -286,3 +286,51 @@ def test_export_checks_the_state_against_the_config(tmp_path, hf_dir):
         hf_io.export_hf(state, tied, tmp_path / "out")
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         hf_io.export_hf(state, config, tmp_path / "out", tokenizer_src=tmp_path)
+
+
+# ---------------------------------------------------------------- damaged files: one line each
+
+
+@pytest.mark.parametrize("damage", ["empty", "100 bytes", "truncated"])
+def test_a_damaged_safetensors_file_is_one_error_naming_it(tmp_path, untied_model, damage):
+    src = save_hf(untied_model, tmp_path / "hf")
+    file = src / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"empty": b"", "100 bytes": data[:100],
+                      "truncated": data[: len(data) // 2]}[damage])
+    with pytest.raises(CheckpointError) as err:
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    message = str(err.value)
+    assert f"{file}: not a readable safetensors file" in message and "\n" not in message
+
+
+def test_a_malformed_config_json_is_one_error_naming_it(tmp_path, untied_model):
+    src = save_hf(untied_model, tmp_path / "hf")
+    (src / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 96,')
+    with pytest.raises(CheckpointError, match=rf"{src / 'config.json'}: not valid JSON "
+                                              r"\(Expecting property name .* line 1"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: expected a JSON object, found list"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+
+
+@pytest.mark.parametrize("layers,held", [(3, r"2 \(model.layers.0 .. model.layers.1\)"),
+                                         (1, r"2 \(model.layers.0 .. model.layers.1\)")])
+def test_num_hidden_layers_that_disagrees_with_the_weights_is_named(tmp_path, untied_model,
+                                                                     layers, held):
+    src = save_hf(untied_model, tmp_path / "hf")
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=layers)))
+    with pytest.raises(CheckpointError, match=rf"config.json: num_hidden_layers is {layers}, "
+                                              rf"but the weights hold layers {held}"):
+        hf_io.load_hf_checkpoint(src, param_dtype="float32")
+
+
+def test_progress_bars_stay_off_a_pipe(tmp_path, untied_model, capfd):
+    src = save_hf(untied_model, tmp_path / "hf")
+    capfd.readouterr()
+    config, state = hf_io.load_hf_checkpoint(src, param_dtype="float32")  # stderr: a pipe
+    hf_io.export_hf(state, config, tmp_path / "out", dtype="float32")
+    err = capfd.readouterr().err
+    assert "reading hf" not in err and "writing out" not in err

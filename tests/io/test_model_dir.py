@@ -14,7 +14,7 @@ from flax import nnx
 from jaxzero.io import hf as hf_io
 from jaxzero.io import model_dir as model_store
 from jaxzero.io.checkpoint import CheckpointStore
-from jaxzero.errors import CheckpointError
+from jaxzero.errors import CheckpointError, JaxzeroError
 from jaxzero.parallel.sharding import make_mesh, param_shardings
 from helpers import FAKE_TOKENIZER, assert_same_tensors, hf_tensors, make_hf_model, save_hf
 
@@ -168,6 +168,60 @@ def test_errors_name_the_problem(jz_dir, hf_dir, tmp_path):
     (other / "model_config.json").write_text(json.dumps(dict(cfg, rope="yarn")))
     with pytest.raises(CheckpointError, match=r"unknown fields \['rope'\]"):
         model_store.load_params(other, param_dtype="float32")
+
+
+def test_an_interrupted_hf_to_jax_leaves_nothing_and_can_be_run_again(hf_dir, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "jz"
+
+    def crash(*_, **__):
+        raise KeyboardInterrupt  # as a Ctrl-C during the checkpoint write
+    monkeypatch.setattr(CheckpointStore, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model_store.convert_hf_to_jax(hf_dir, out, dtype="float32")
+    assert not out.exists()  # nothing half-written under the name, no torn tokenizer.json
+    monkeypatch.undo()
+    model_store.convert_hf_to_jax(hf_dir, out, dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jz"]  # the leftover is gone
+    for name, text in FAKE_TOKENIZER.items():
+        assert (out / "tokenizer" / name).read_text() == text
+    leaves_equal(model_store.load_params(out, param_dtype="float32")[1],
+                 hf_io.load_hf_checkpoint(hf_dir, param_dtype="float32")[1])
+
+
+def test_hf_to_jax_refuses_a_source_without_tokenizer_files(tmp_path):
+    src = save_hf(make_hf_model(), tmp_path / "hf", tokenizer=False)
+    with pytest.raises(JaxzeroError, match="missing tokenizer.json .* and tokenizer_config"):
+        model_store.convert_hf_to_jax(src, tmp_path / "jz")
+    assert not (tmp_path / "jz").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="full exists and is not empty"):
+        model_store.convert_hf_to_jax(save_hf(make_hf_model(), tmp_path / "hf2"),
+                                      tmp_path / "full")
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def _cli(*argv):
+    code = "import sys; from jaxzero.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_jax_to_hf_refuses_an_existing_model_dir_unless_forced(jz_dir, hf_dir, tmp_path):
+    target = tmp_path / "existing"
+    target.mkdir()
+    for p in hf_dir.iterdir():
+        (target / p.name).write_bytes(p.read_bytes())
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    proc = _cli("convert", "jax-to-hf", jz_dir, target)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "exists and is not empty" in proc.stderr and "--force" in proc.stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    proc = _cli("convert", "jax-to-hf", jz_dir, target, "--force", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_tensors(hf_tensors(hf_dir), hf_tensors(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 
 
 def test_cli_converts_both_ways(hf_dir, tmp_path):

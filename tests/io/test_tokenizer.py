@@ -213,9 +213,47 @@ def test_save_and_reload_keeps_behaviour(tok, tmp_path):
 
 def test_load_tokenizer_errors_clearly(tmp_path):
     with pytest.raises(JaxzeroError, match="cannot load a tokenizer"):
-        tk.load_tokenizer(tmp_path)  # a directory without tokenizer files
-    with pytest.raises(JaxzeroError, match="cannot load a tokenizer"):
         tk.load_tokenizer("no-such-org/no-such-model-jaxzero")
+
+
+def test_a_model_dir_without_tokenizer_files_is_refused_naming_them(tmp_path):
+    # transformers would build a 1-token tokenizer from this directory, and every completion
+    # would decode to "".
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 96}')
+    with pytest.raises(JaxzeroError, match=r"missing tokenizer.json \(or vocab.json \+ "
+                       r"merges.txt\) and tokenizer_config.json"):
+        tk.load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_that_cannot_round_trip_the_chat_template_is_refused(qwen_dir, tmp_path):
+    import json
+    import shutil
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(qwen_dir / name, tmp_path / name)
+    # A tokenizer.json whose vocabulary lost everything but <|endoftext|>.
+    full = json.loads((qwen_dir / "tokenizer.json").read_text())
+    full["model"]["vocab"] = {"<|endoftext|>": 0}
+    full["model"]["merges"] = []
+    full["added_tokens"] = full["added_tokens"][:1]
+    full["added_tokens"][0]["id"] = 0
+    (tmp_path / "tokenizer.json").write_text(json.dumps(full))
+    with pytest.raises(JaxzeroError, match="does not round-trip a chat prompt"):
+        tk.load_tokenizer(tmp_path)
+    config = json.loads((qwen_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    shutil.copyfile(qwen_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(JaxzeroError, match="has no chat template"):
+        tk.load_tokenizer(tmp_path)
+
+
+def test_encode_prompts_is_the_chat_turn_or_the_raw_text(tok):
+    chat, raw = tk.encode_prompts(tok, ["Fever?"], chat=True), tk.encode_prompts(
+        tok, ["Fever?"], chat=False)
+    assert tok.decode(chat[0]) == ("<|im_start|>system\n" + tk.DEFAULT_SYSTEM_MESSAGE
+                                   + "<|im_end|>\n<|im_start|>user\nFever?<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
+    assert tok.decode(raw[0]) == "Fever?"
 
 
 def test_demo_tokenizer_dir_builds_once_atomically(monkeypatch, tmp_path):
