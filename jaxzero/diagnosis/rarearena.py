@@ -2,8 +2,11 @@
 
 Reproduces DiagnosisZero's preparation: the case text is `case_report + " " + test_results`,
 stripped; the labels are {diagnosis, Orpha_name} without duplicates; the first
-int(n * train_ratio) records in file order are the training set, the rest the test set. Bad
+int(n * train_ratio) records in file order are the training set, the rest the test set; a
+prompt over max_prompt_length tokens is dropped, as the seed's dataset filter drops it. Bad
 input stops with an error naming file:line and field, or is skipped and counted on request.
+A record repeated whole (same `_id`, same content) is kept once and counted; two records that
+share an `_id` but differ are refused, since one id would then sit in both splits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from tqdm import tqdm
 
 from jaxzero.errors import ConfigError, DataError
 
@@ -60,6 +65,8 @@ class ReadStats:
     records: int       # valid records returned
     bad_records: int   # skipped (only with skip_bad_records)
     bad_messages: tuple[str, ...]  # the first MAX_REPORTED of them
+    duplicates: int = 0            # valid records identical to an earlier one, dropped
+    duplicate_messages: tuple[str, ...] = ()  # the first MAX_REPORTED of them
 
 
 # ----------------------------------------------------------------------------- reading
@@ -124,7 +131,7 @@ def _not_utf8(raw: str, bad: re.Match, path: str, line: int) -> DataError:
                      f"0x{ord(bad.group()) - 0xDC00:02X} at column {col})")
 
 
-def _case_from(raw: str, path: str, line: int) -> Case:
+def _parse(raw: str, path: str, line: int) -> dict:
     """Parse and validate one record; DataError names what is wrong."""
     where = f"{path}:{line}"
     bad_byte = _NOT_UTF8.search(raw)
@@ -155,10 +162,24 @@ def _case_from(raw: str, path: str, line: int) -> Case:
     for field in ("diagnosis", "case_report"):
         if not record[field].strip():
             raise DataError(f"{where}: field '{field}' is empty")
+    return record
+
+
+def _case(record: dict, line: int) -> Case:
     return Case(id=str(record["_id"]),
-                case_text=f"{record['case_report']} {test_results or ''}".strip(),
+                case_text=f"{record['case_report']} {record.get('test_results') or ''}".strip(),
                 diagnosis=record["diagnosis"], orpha_name=record["Orpha_name"],
                 orpha_id=str(record["Orpha_id"]), line=line)
+
+
+def _conflict(path: str, case_id: str, first: tuple[int, dict], line: int,
+              record: dict) -> DataError:
+    first_line, earlier = first
+    fields = sorted(set(earlier) | set(record), key=str)
+    differ = [f for f in fields if earlier.get(f, ...) != record.get(f, ...)]
+    return DataError(f"{path}:{line}: _id {case_id!r} is also the id of line {first_line}, "
+                     f"whose record differs (in {', '.join(repr(f) for f in differ)}); ids "
+                     "must be unique, so remove or renumber one of the two")
 
 
 def read_records(path: str | os.PathLike, *,
@@ -168,6 +189,8 @@ def read_records(path: str | os.PathLike, *,
     A bad record (malformed JSON, a missing or mistyped field, an empty diagnosis or case
     report, bytes that are not UTF-8) raises DataError naming file:line and field, unless
     skip_bad_records, which skips and counts it. Syntax errors in a JSON array always raise.
+    A valid record equal to an earlier one is dropped and counted (`ReadStats.duplicates`);
+    one that shares an earlier record's `_id` but differs from it raises, naming both lines.
     """
     path = Path(path)
     try:
@@ -178,9 +201,11 @@ def read_records(path: str | os.PathLike, *,
     text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     entries = _array_entries if text.lstrip().startswith("[") else _jsonl_entries
     cases, bad, messages = [], 0, []
+    seen: dict[str, tuple[int, dict]] = {}  # id -> (line, record) of its first occurrence
+    duplicates: list[str] = []
     for line, raw in entries(text, str(path)):
         try:
-            cases.append(_case_from(raw, str(path), line))
+            record = _parse(raw, str(path), line)
         except DataError as err:
             if not skip_bad_records:
                 raise DataError(f"{err} (pass --skip-bad-records to skip and count such "
@@ -188,7 +213,19 @@ def read_records(path: str | os.PathLike, *,
             bad += 1
             if len(messages) < MAX_REPORTED:
                 messages.append(str(err))
-    return cases, ReadStats(len(cases), bad, tuple(messages))
+            continue
+        case = _case(record, line)
+        if case.id in seen:
+            # Skipping cannot choose between two versions of one case: always refused.
+            if seen[case.id][1] != record:
+                raise _conflict(str(path), case.id, seen[case.id], line, record)
+            duplicates.append(f"{path}:{line}: repeats line {seen[case.id][0]} "
+                              f"(_id {case.id!r})")
+            continue
+        seen[case.id] = (line, record)
+        cases.append(case)
+    return cases, ReadStats(len(cases), bad, tuple(messages), len(duplicates),
+                            tuple(duplicates[:MAX_REPORTED]))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -262,8 +299,9 @@ class PrepareStats:
     """What `prepare_data` read, dropped and wrote; `format()` is the CLI's summary."""
 
     input_path: str
-    records_read: int      # valid records
+    records_read: int      # valid records, duplicates excluded
     bad_records: int       # skipped (only with skip_bad_records)
+    duplicates: int        # valid records identical to an earlier one, dropped
     dropped_too_long: int  # over max_prompt_length under the "drop" policy
     truncated: int         # case text cut from the left under "truncate_left"
     train_size: int
@@ -273,18 +311,23 @@ class PrepareStats:
     train_path: str
     test_path: str
     bad_messages: tuple[str, ...] = ()
+    duplicate_messages: tuple[str, ...] = ()
 
     def format(self) -> str:
-        lines = [f"read {self.records_read + self.bad_records} records from "
-                 f"{self.input_path}: {self.records_read} valid, {self.bad_records} bad"]
-        if self.bad_records:
-            shown = len(self.bad_messages)
-            lines.append(f"skipped bad records (first {shown}):" if shown < self.bad_records
-                         else "skipped bad records:")
-            lines += [f"  {m}" for m in self.bad_messages]
+        total = self.records_read + self.bad_records + self.duplicates
+        lines = [f"read {total} records from {self.input_path}: {self.records_read} valid, "
+                 f"{self.bad_records} bad, {self.duplicates} duplicates"]
+        for count, messages, what in ((self.bad_records, self.bad_messages, "skipped bad"),
+                                      (self.duplicates, self.duplicate_messages,
+                                       "dropped duplicate")):
+            if count:
+                shown = len(messages)
+                lines.append(f"{what} records (first {shown}):" if shown < count
+                             else f"{what} records:")
+                lines += [f"  {m}" for m in messages]
         if self.max_prompt_length is None:
-            lines.append("no tokenizer: prompts were not tokenized and their length was not "
-                         "checked")
+            lines.append("no tokenizer: prompts were not tokenized here; the trainer "
+                         "tokenizes them and drops those over data.max_prompt_length")
         else:
             lines.append(f"prompts over {self.max_prompt_length} tokens: "
                          f"{self.dropped_too_long} dropped, {self.truncated} truncated from "
@@ -294,8 +337,17 @@ class PrepareStats:
         return "\n".join(lines)
 
 
+def _token_ids(texts: Sequence[str], tokenizer, desc: str, chunk: int = 256) -> Iterator[list]:
+    """Token ids of each text, in batched calls under a progress bar (shown on a terminal)."""
+    with tqdm(total=len(texts), desc=desc, unit="prompt", disable=None) as bar:
+        for start in range(0, len(texts), chunk):
+            part = texts[start:start + chunk]
+            yield from tokenizer(list(part), add_special_tokens=False)["input_ids"]
+            bar.update(len(part))
+
+
 def _prepared_rows(cases: Sequence[Case], template: str, tokenizer, max_len: int,
-                   policy: str) -> tuple[list[dict], int, int, int]:
+                   policy: str, desc: str) -> tuple[list[dict], int, int, int]:
     """(rows, dropped, truncated, longest prompt in tokens)."""
     prompts = [build_prompt_text(c.case_text, template) for c in cases]
     rows = [{"id": c.id, "case_text": c.case_text, "prompt": p, "labels": c.labels,
@@ -303,9 +355,8 @@ def _prepared_rows(cases: Sequence[Case], template: str, tokenizer, max_len: int
     if tokenizer is None or not rows:
         return rows, 0, 0, 0
     texts = [chat_prompt(p, tokenizer) for p in prompts]
-    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept, dropped, truncated = [], 0, 0
-    for row, text, ids in zip(rows, texts, all_ids):
+    for row, text, ids in zip(rows, texts, _token_ids(texts, tokenizer, desc)):
         if len(ids) > max_len:
             if policy == "drop":
                 dropped += 1
@@ -328,17 +379,38 @@ def _write_jsonl(rows: Sequence[dict], path: Path) -> None:
     os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
 
 
+OUTPUT_FILES = ("train.jsonl", "test.jsonl", "prepare_stats.json")
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False) -> None:
+    """Refuses an output path that is not a directory, and a non-empty directory unless
+    `force` (which replaces the prepared files there and leaves any others alone)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output directory {out} exists and is not a directory")
+    if out.is_dir() and not force:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise DataError(f"output directory {out} is not empty (it holds {shown}); pass "
+                            "--force to replace its prepared files, or choose another "
+                            "directory")
+
+
 def prepare_data(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  train_ratio: float = 0.7, tokenizer=None, max_prompt_length: int = 1024,
                  long_prompt_policy: str = "drop", skip_bad_records: bool = False,
-                 shuffle_seed: int | None = None, template: str | None = None) -> PrepareStats:
+                 shuffle_seed: int | None = None, template: str | None = None,
+                 force: bool = False) -> PrepareStats:
     """Write out_dir/train.jsonl, test.jsonl and prepare_stats.json from a RareArena file.
 
     The split comes first, over all valid records in file order (DiagnosisZero's split), and
     long prompts are dropped or truncated within each side after it, so both sides hold the
     same cases as the original's, less the dropped ones. Without a tokenizer, prompts are
-    neither tokenized nor length-checked.
+    neither tokenized nor length-checked here (the trainer does both: `with_prompt_ids`).
+    A non-empty out_dir is refused unless `force`; nothing is created before the input reads.
     """
+    check_output_dir(out_dir, force=force)
     if long_prompt_policy not in LONG_PROMPT_POLICIES:
         raise ConfigError(f"long_prompt_policy must be one of {LONG_PROMPT_POLICIES}, got "
                           f"{long_prompt_policy!r}")
@@ -358,18 +430,18 @@ def prepare_data(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     sizes, dropped, truncated, longest = {}, 0, 0, 0
     for name, part in (("train", train), ("test", test)):
         rows, d, t, n = _prepared_rows(part, template, tokenizer, max_prompt_length,
-                                       long_prompt_policy)
+                                       long_prompt_policy, desc=f"tokenizing {name}")
         _write_jsonl(rows, out / f"{name}.jsonl")
         sizes[name], dropped, truncated, longest = len(rows), dropped + d, truncated + t, \
             max(longest, n)
     stats = PrepareStats(
         input_path=str(input_path), records_read=read.records, bad_records=read.bad_records,
-        dropped_too_long=dropped, truncated=truncated, train_size=sizes["train"],
+        duplicates=read.duplicates, dropped_too_long=dropped, truncated=truncated, train_size=sizes["train"],
         test_size=sizes["test"],
         max_prompt_length=None if tokenizer is None else max_prompt_length,
         longest_prompt=None if tokenizer is None else longest,
         train_path=str(out / "train.jsonl"), test_path=str(out / "test.jsonl"),
-        bad_messages=read.bad_messages)
+        bad_messages=read.bad_messages, duplicate_messages=read.duplicate_messages)
     settings = {"train_ratio": train_ratio, "shuffle_seed": shuffle_seed,
                 "long_prompt_policy": long_prompt_policy, "tokenized": tokenizer is not None}
     (out / "prepare_stats.json").write_text(
@@ -436,3 +508,24 @@ def read_prepared(path: str | os.PathLike) -> list[dict]:
         _check_prepared(row, where)
         rows.append(row)
     return rows
+
+
+def with_prompt_ids(records: list[dict], tokenizer, max_len: int, *,
+                    source: str | os.PathLike = "prepared data") -> tuple[list[dict], int]:
+    """(records whose prompts fit in max_len tokens, how many were dropped).
+
+    Rows prepared without a tokenizer get `prompt_token_ids` here, through the chat template.
+    A prompt over max_len is dropped, as DiagnosisZero's dataset filter drops it: cutting it
+    would keep its end and lose the system header and the instructions at its start.
+    """
+    missing = [r for r in records if not r.get("prompt_token_ids")]
+    texts = [chat_prompt(r["prompt"], tokenizer) for r in missing]
+    for row, ids in zip(missing, _token_ids(texts, tokenizer, "tokenizing prompts")):
+        row["prompt_token_ids"] = list(ids)
+    kept = [r for r in records if len(r["prompt_token_ids"]) <= max_len]
+    if records and not kept:
+        longest = max(len(r["prompt_token_ids"]) for r in records)
+        raise DataError(f"{source}: every prompt is over max_prompt_length {max_len} tokens "
+                        f"(the shortest has {min(len(r['prompt_token_ids']) for r in records)}"
+                        f", the longest {longest}); raise data.max_prompt_length")
+    return kept, len(records) - len(kept)

@@ -131,29 +131,29 @@ def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> No
 
 
 def _load_data(cfg, run_dir: Path, tokenizer):
-    from jaxzero.diagnosis.rarearena import prepare_data, read_prepared
+    from jaxzero.diagnosis.rarearena import prepare_data
     train_file, test_file = cfg.data.train_file, cfg.data.test_file
     if train_file is None:  # the demo (config validation guarantees it)
         from jaxzero.diagnosis.demo_data import demo_cases_path
         out = run_dir / "data"
         if distributed.is_main_process() and not (out / "train.jsonl").exists():
             prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
-                         max_prompt_length=cfg.data.max_prompt_length)
+                         max_prompt_length=cfg.data.max_prompt_length, force=True)
         _sync("demo data")
         train_file, test_file = out / "train.jsonl", out / "test.jsonl"
-    train = _with_token_ids(read_prepared(train_file), tokenizer, cfg.data.max_prompt_length)
-    test = _with_token_ids(read_prepared(test_file), tokenizer, cfg.data.max_prompt_length) \
+    train = _with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
+    test = _with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
         if test_file else []
     return train, test
 
 
-def _with_token_ids(records, tokenizer, max_len):
-    """Prepared files made without a tokenizer are tokenized here (chat template applied)."""
-    from jaxzero.io.tokenizer import encode_prompts
-    for r in records:
-        if not r.get("prompt_token_ids"):
-            ids = encode_prompts(tokenizer, [r["prompt"]], chat=True)[0]
-            r["prompt_token_ids"] = ids[-max_len:]
+def _with_token_ids(path, tokenizer, max_len):
+    """Prepared records, tokenized here if prepared without a tokenizer; prompts over max_len
+    are dropped and counted, as DiagnosisZero drops them."""
+    from jaxzero.diagnosis.rarearena import read_prepared, with_prompt_ids
+    records, dropped = with_prompt_ids(read_prepared(path), tokenizer, max_len, source=path)
+    if dropped and distributed.is_main_process():
+        print(f"{path}: dropped {dropped} prompts over data.max_prompt_length={max_len} tokens")
     return records
 
 

@@ -344,7 +344,112 @@ def test_prepare_counts_skipped_records_and_shuffles_on_request(tmp_path):
     empty = tmp_path / "RDS.json"
     empty.write_text("\n")
     with pytest.raises(DataError, match="no valid records"):
-        rarearena.prepare_data(empty, tmp_path / "out")
+        rarearena.prepare_data(empty, tmp_path / "out", force=True)
+
+
+def test_a_file_concatenated_with_itself_is_deduplicated_and_counted(tmp_path):
+    path = tmp_path / "RDC.json"
+    path.write_text(RDC.read_text() * 2, encoding="utf-8")
+    cases, read = rarearena.read_records(path)
+    assert [c.id for c in cases] == [r["_id"] for r in _records()]
+    assert [c.line for c in cases] == list(range(1, 13))
+    assert read.duplicates == 12 and read.records == 12
+    assert read.duplicate_messages[0] == f"{path}:13: repeats line 1 (_id 'PMC7751203_01')"
+    assert len(read.duplicate_messages) == rarearena.MAX_REPORTED
+    stats = rarearena.prepare_data(path, tmp_path / "out")
+    train = {r["id"] for r in _read(tmp_path / "out/train.jsonl")}
+    test = {r["id"] for r in _read(tmp_path / "out/test.jsonl")}
+    assert (stats.train_size, stats.test_size, stats.duplicates) == (8, 4, 12)
+    assert not train & test  # no test case is also a training case
+    text = stats.format()
+    assert "read 24 records" in text and "12 valid, 0 bad, 12 duplicates" in text
+    assert "dropped duplicate records (first 10):" in text and ":13: repeats line 1" in text
+    saved = json.loads((tmp_path / "out/prepare_stats.json").read_text())
+    assert saved["duplicates"] == 12
+
+
+def test_an_id_reused_with_other_content_is_refused_naming_both_lines(tmp_path):
+    records = _records()[:5]
+    other = dict(records[1], diagnosis="Anderson-Fabry disease")
+    path = _write_jsonl(tmp_path / "RDC.json", records + [other])
+    for skip in (False, True):  # skipping cannot choose between the two versions
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:6: _id "
+                           rf"'{re.escape(records[1]['_id'])}' is also the id of line 2, "
+                           r"whose record differs \(in 'diagnosis'\)"):
+            rarearena.read_records(path, skip_bad_records=skip)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError):
+        rarearena.prepare_data(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_directory_is_refused_unless_forced(tmp_path):
+    out = tmp_path / "out"
+    rarearena.prepare_data(RDC, out, train_ratio=0.5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match=rf"output directory {re.escape(str(out))} is not "
+                       r"empty \(it holds prepare_stats.json, test.jsonl, train.jsonl\); "
+                       r"pass --force"):
+        rarearena.prepare_data(RDC, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    stats = rarearena.prepare_data(RDC, out, force=True)
+    assert stats.train_size == 8 and len(_read(out / "train.jsonl")) == 8
+    (tmp_path / "empty").mkdir()
+    rarearena.prepare_data(RDC, tmp_path / "empty")  # an empty directory is fine
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("my notes\n")
+    for force in (False, True):
+        with pytest.raises(DataError, match=rf"^output directory {re.escape(str(target))} "
+                           "exists and is not a directory$"):
+            rarearena.prepare_data(RDC, target, force=force)
+    assert target.read_text() == "my notes\n"
+
+
+def test_cli_output_and_tokenizer_faults_are_one_line_and_create_nothing(tmp_path, capsys):
+    from jaxzero.cli.main import main
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["prepare-data", str(RDC), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not a directory" in err
+    (tmp_path / "no_tokenizer").mkdir()
+    out = tmp_path / "out"
+    assert main(["prepare-data", str(RDC), str(out), "--tokenizer",
+                 str(tmp_path / "no_tokenizer")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load a tokenizer" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["prepare-data", str(RDC), str(out)]) == 0
+    assert main(["prepare-data", str(RDC), str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["prepare-data", str(RDC), str(out), "--force"]) == 0
+
+
+def test_the_trainer_drops_long_untokenized_prompts_instead_of_keeping_their_end(
+        tmp_path, tokenizer):
+    """Prepared without --tokenizer, then tokenized at start-up: a prompt over the limit is
+    dropped and counted (as DiagnosisZero's filter drops it), never cut to its last tokens."""
+    from jaxzero.rl.setup import _with_token_ids
+    rarearena.prepare_data(RDC, tmp_path)
+    lengths = _lengths(tokenizer)[:8]
+    limit = sorted(lengths)[4]
+    rows, dropped = rarearena.with_prompt_ids(rarearena.read_prepared(tmp_path / "train.jsonl"),
+                                              tokenizer, limit)
+    assert dropped == sum(n > limit for n in lengths) > 0 and len(rows) == 8 - dropped
+    assert [r["id"] for r in rows] == [r["id"] for r, n in zip(
+        _read(tmp_path / "train.jsonl"), lengths) if n <= limit]
+    for row in rows:  # whole prompts, system header first
+        text = rarearena.chat_prompt(row["prompt"], tokenizer)
+        assert row["prompt_token_ids"] == tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(row["prompt_token_ids"][:2]).startswith("<|im_start|>")
+    assert [r["id"] for r in _with_token_ids(tmp_path / "train.jsonl", tokenizer, limit)] == \
+        [r["id"] for r in rows]
+    with pytest.raises(DataError, match=r"train.jsonl: every prompt is over max_prompt_length"):
+        rarearena.with_prompt_ids(rarearena.read_prepared(tmp_path / "train.jsonl"), tokenizer,
+                                  5, source=tmp_path / "train.jsonl")
 
 
 # ----------------------------------------------------------------------------- read_prepared
