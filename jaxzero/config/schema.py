@@ -17,7 +17,7 @@ from jaxzero.errors import ConfigError
 
 Dtype = Literal["float32", "bfloat16"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                  "seq-mean-token-sum-norm"]
+                  "seq-mean-token-sum-norm", "seed-micro-token-mean"]
 KlKind = Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
 
 
@@ -158,7 +158,7 @@ class DataConfig(_Section):
 class RolloutConfig(_Section):
     section: ClassVar[str] = "rollout"
     n: int = 16                    # responses per prompt (the GRPO group)
-    temperature: float = 1.0       # 0: greedy
+    temperature: float = 1.0       # > 0: GRPO needs sampled rollouts
     top_p: float = 1.0
     top_k: int = 0                 # 0: off
     max_new_tokens: int = 1024
@@ -167,7 +167,12 @@ class RolloutConfig(_Section):
 
     def _validate(self) -> None:
         self._require(self.n >= 2, "n", "must be at least 2 (GRPO compares responses in a group)")
-        self._require(self.temperature >= 0, "temperature", "use 0 for greedy or a positive value")
+        # Greedy rollouts give every response of a group the same reward, so every advantage
+        # is 0 and nothing is learned; the log-prob passes also divide by the temperature.
+        self._require(self.temperature > 0, "temperature",
+                      "GRPO trains on sampled rollouts: greedy decoding (0) gives every "
+                      "response of a group the same reward, so every advantage is 0 and "
+                      "nothing is learned; use a positive temperature (DiagnosisZero: 1.0)")
         self._require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]; 1 is off")
         self._at_least(0, "top_k")
         self._at_least(1, "max_new_tokens", "micro_batch")
@@ -196,7 +201,18 @@ class GRPOConfig(_Section):
     clip_low: float = 0.2
     clip_high: float = 0.2
     clip_c: float | None = None  # dual-clip bound for negative advantages; None: off
+    # token-mean: one token mean over the whole batch (modern verl). seed-micro-token-mean:
+    # DiagnosisZero's verl, the mean over its micro-batches of each one's token mean; the
+    # batch is first ordered as the seed's trainer orders it over seed_dp_ranks ranks
+    # (Karmarkar-Karp by token count), then cut into seed_micro_batch_rows-row groups.
     loss_agg: LossAgg = "token-mean"
+    seed_micro_batch_rows: int | None = None  # the seed's ppo_micro_batch_size per GPU
+    seed_dp_ranks: int | None = None          # the seed's data-parallel ranks (GPUs)
+    # Multiplies the loss, so the gradient, before the clip. The seed's is 1/32: each GPU
+    # divides its micro-batch losses by the gradient accumulation (ppo_mini_batch_size ×
+    # rollout.n / GPUs over ppo_micro_batch_size per GPU = 64) and FSDP averages the GPUs,
+    # so its 8 (7B: 16) micro-batch token means enter as 8/(4·64) (16/(8·64)) of their mean.
+    loss_scale: float = 1.0
     scale_by_std: bool = True
     adv_eps: float = 1e-6
     use_kl_loss: bool = True
@@ -219,7 +235,13 @@ class GRPOConfig(_Section):
         self._require(self.clip_high >= 0, "clip_high", "must be at least 0")
         self._require(self.clip_c is None or self.clip_c > 1, "clip_c",
                       "use null for off, or a bound > 1 (verl's dual-clip constant, e.g. 3.0)")
-        self._positive("adv_eps")
+        self._positive("adv_eps", "loss_scale")
+        seed = self.loss_agg == "seed-micro-token-mean"
+        for key in ("seed_micro_batch_rows", "seed_dp_ranks"):
+            self._require((getattr(self, key) is not None) == seed, key,
+                          "give it (a positive count) with grpo.loss_agg: "
+                          "seed-micro-token-mean, and only then (null otherwise)")
+        self._at_least(1, "seed_micro_batch_rows", "seed_dp_ranks")
         self._at_least(0, "kl_coef", "max_refill_batches")
         self._at_least(1, "updates_per_step", "micro_batches", "logit_chunk",
                        "max_consecutive_skips")
@@ -308,6 +330,15 @@ class RunConfig:
             raise ConfigError(
                 f"grpo.micro_batches={self.grpo.micro_batches} must divide data.prompts_per_step"
                 f" × rollout.n = {self.data.prompts_per_step} × {self.rollout.n} = {batch}")
+        g = self.grpo
+        if g.loss_agg == "seed-micro-token-mean":
+            # Each seed rank holds batch / ranks rows and cuts them into whole micro-batches.
+            per_rank = g.seed_dp_ranks * g.seed_micro_batch_rows
+            if batch % per_rank:
+                raise ConfigError(
+                    f"grpo.seed_dp_ranks × grpo.seed_micro_batch_rows = {g.seed_dp_ranks} × "
+                    f"{g.seed_micro_batch_rows} = {per_rank} must divide data.prompts_per_step"
+                    f" × rollout.n = {batch}")
         # Equal sampler chunks keep one compiled decode loop.
         if self.rollout.micro_batch is not None and batch % self.rollout.micro_batch:
             raise ConfigError(

@@ -1,23 +1,32 @@
 """GRPO math: group advantages, KL estimators, the clipped policy loss and its aggregation.
 
-Pure functions of arrays and static hyperparameters, following verl's definitions
-(`core_algos.py`): B rollouts (prompts × group size G, a prompt's rollouts contiguous),
-T response tokens (the padded response length), V vocabulary.
+Pure functions of arrays and static hyperparameters: B rollouts (prompts × group size G, a
+prompt's rollouts contiguous), T response tokens (the padded response length), V vocabulary.
+The advantages, KL estimators and clipped surrogate are verl's (`core_algos.py`). Of the
+aggregations, `token-mean` over the whole batch is modern verl's; the verl that DiagnosisZero
+forked does not compute it. Its `dp_actor.update_policy` takes each micro-batch's own token
+mean, divides it by the gradient accumulation and averages ranks' gradients, which is
+`seed-micro-token-mean` with a `loss_scale` (see `seed_row_order` and configs/qwen2.5-*.yaml).
 
 Exact micro-batching: every loss term and metric is a sum over tokens divided by a
 normaliser of the *whole* batch (`AggNorms`), so summing micro-batch losses, gradients and
-metrics computed with the full batch's `AggNorms` gives the full-batch ones.
+metrics computed with the full batch's `AggNorms` (its per-row field split with the rows)
+gives the full-batch ones, however the batch is cut for memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+SEED_AGG = "seed-micro-token-mean"
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-             "seq-mean-token-sum-norm")
+             "seq-mean-token-sum-norm", SEED_AGG)
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 _LOG_RATIO_BOUND = 20.0   # verl clamps log-ratios to ±20 before exp
 _K3_BOUND = 10.0          # and the k3 estimate to ±10
@@ -36,20 +45,36 @@ class AggNorms:
     tokens: jax.Array      # valid tokens (token-mean)
     sequences: jax.Array   # rows with at least one valid token (seq-mean-*)
     cells: jax.Array       # B × T of the padded batch (seq-mean-token-sum-norm, Dr. GRPO)
+    # Per row, the valid tokens of its loss group (seed-micro-token-mean): the only field with
+    # a batch axis, so it is split with the rows when the batch is cut into micro-batches.
+    group_tokens_B: jax.Array
+    groups: jax.Array      # loss groups in the whole batch
 
 
-def aggregation_norms(mask_BT: jax.Array, mode: str) -> AggNorms:
+def aggregation_norms(mask_BT: jax.Array, mode: str, *,
+                      group_rows: int | None = None) -> AggNorms:
     """Normalisers of a full batch, to pass to `aggregate` for each of its micro-batches.
 
-    All three are computed whatever `mode` is, because the metrics are token means; `mode`
-    is checked here so a misspelt mode fails before any micro-batch runs.
+    All are computed whatever `mode` is, because the metrics are token means; `mode` is
+    checked here so a misspelt mode fails before any micro-batch runs. The loss groups are
+    consecutive blocks of `group_rows` rows (seed-micro-token-mean); otherwise the whole
+    batch is one group, so a group token mean is the batch's token mean.
     """
     _check_mode(mode)
     m_BT = mask_BT.astype(jnp.float32)
+    b = mask_BT.shape[0]
     one = jnp.float32(1.0)
+    rows = b if group_rows is None else group_rows
+    if mode == SEED_AGG and group_rows is None:
+        raise ValueError(f"{SEED_AGG} needs group_rows (rows per seed micro-batch)")
+    if rows < 1 or b % rows:
+        raise ValueError(f"group_rows={rows} must be ≥ 1 and divide the batch ({b})")
+    group_tokens_G = jnp.maximum(m_BT.sum(-1).reshape(b // rows, rows).sum(-1), one)
     return AggNorms(tokens=jnp.maximum(m_BT.sum(), one),
                     sequences=jnp.maximum((m_BT.sum(-1) > 0).sum().astype(jnp.float32), one),
-                    cells=jnp.float32(max(mask_BT.shape[0] * mask_BT.shape[1], 1)))
+                    cells=jnp.float32(max(mask_BT.shape[0] * mask_BT.shape[1], 1)),
+                    group_tokens_B=jnp.repeat(group_tokens_G, rows),
+                    groups=jnp.float32(b // rows))
 
 
 def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str, *,
@@ -69,7 +94,70 @@ def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str, *,
         # A row's own token count is local to its micro-batch; only the row count is global.
         seq_B = x_BT.sum(-1) / jnp.maximum(m_BT.sum(-1), 1.0)
         return seq_B.sum() / norm.sequences
+    if mode == SEED_AGG:
+        # The mean over groups of each group's token mean: a row's share is divided by its
+        # own group's token count.
+        return (x_BT.sum(-1) / norm.group_tokens_B).sum() / norm.groups
     return x_BT.sum() / norm.cells
+
+
+# ---- the seed's rows-to-micro-batches -------------------------------------------------------
+
+class _Heaped:
+    """A partial partition in the heap: popped first is the largest spread, then the largest
+    leading part (verl's order), and two states that tie compare equal, as verl's do, so the
+    heap pops them in the same order."""
+
+    def __init__(self, parts: list[tuple[int, list[tuple[int, int]]]]):
+        self.parts = sorted(parts, key=_part_key, reverse=True)
+
+    def key(self):
+        spread = self.parts[0][0] - self.parts[-1][0]
+        lead_sum, lead = self.parts[0]
+        # Larger sorts first: negate everything (parts compared have equal lengths).
+        return (-spread, -lead_sum, -len(lead), [(-i, -v) for i, v in lead])
+
+    def __lt__(self, other: "_Heaped") -> bool:
+        return self.key() < other.key()
+
+
+def _part_key(part):
+    total, items = part
+    return total, len(items), items
+
+
+def karmarkar_karp(sizes: Sequence[int], k: int) -> list[list[int]]:
+    """verl's equal-size Karmarkar–Karp partition of row indices into k parts of len/k rows,
+    balancing the sums of `sizes`; each part's indices ascending (`seqlen_balancing`'s
+    get_seqlen_balanced_partitions(equal_size=True), its tie-breaking included).
+
+    Rows sorted by (size, index) are dealt k at a time into one state each; the two states of
+    largest spread are merged, largest part with smallest, until one state is left.
+    """
+    n = len(sizes)
+    if k < 1 or n % k or n < k:
+        raise ValueError(f"{n} rows do not split into {k} equal parts")
+    ordered = sorted((int(v), i) for i, v in enumerate(sizes))
+    heap = []
+    for start in range(0, n, k):
+        heapq.heappush(heap, _Heaped([(v, [(i, v)]) for v, i in ordered[start:start + k]]))
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        merged = [(sa + sb, ia + ib) for (sa, ia), (sb, ib) in zip(a.parts, reversed(b.parts))]
+        heapq.heappush(heap, _Heaped(merged))
+    return [sorted(i for i, _ in items) for _, items in heap[0].parts]
+
+
+def seed_row_order(seqlen_B, ranks: int) -> np.ndarray:
+    """The row permutation that DiagnosisZero's trainer applies before its update
+    (`ray_trainer._balance_batch`): Karmarkar–Karp over `ranks` data-parallel ranks by each
+    row's token count (prompt + response), parts in rank order. Rank r then holds rows
+    [r·B/ranks, (r+1)·B/ranks) of the permuted batch and cuts them into consecutive
+    micro-batches, so consecutive blocks of `group_rows` rows are the seed's micro-batches.
+    """
+    seqlen_B = np.asarray(seqlen_B)
+    return np.array([i for part in karmarkar_karp(seqlen_B.tolist(), ranks) for i in part],
+                    np.int64)
 
 
 def group_advantages(scores_B: jax.Array, group_size: int, *, eps: float = 1e-6,
@@ -175,9 +263,17 @@ class LossConfig:
     use_kl_loss: bool = True
     kl_coef: float = 0.001
     kl_kind: str = "low_var_kl"
+    group_rows: int | None = None      # rows per loss group; seed-micro-token-mean only
+    loss_scale: float = 1.0            # multiplies the loss (and so the gradient) before clip
 
     def __post_init__(self):
         _check_mode(self.agg)
+        if (self.agg == SEED_AGG) != (self.group_rows is not None):
+            raise ValueError(f"group_rows is needed with agg={SEED_AGG!r} and only then")
+        if self.group_rows is not None and self.group_rows < 1:
+            raise ValueError(f"group_rows must be ≥ 1, got {self.group_rows}")
+        if not self.loss_scale > 0:
+            raise ValueError(f"loss_scale must be positive, got {self.loss_scale}")
         if self.kl_kind not in KL_KINDS:
             raise ValueError(f"unknown KL kind {self.kl_kind!r}; valid: {', '.join(KL_KINDS)}")
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
@@ -193,13 +289,14 @@ def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array
               adv_B: jax.Array, mask_BT: jax.Array, *, entropy_BT: jax.Array,
               config: LossConfig, norm: AggNorms | None = None,
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """pg_loss − entropy_coeff·agg(entropy) [+ kl_coef·agg(kl) when use_kl_loss], as verl.
+    """loss_scale·(pg_loss − entropy_coeff·agg(entropy) [+ kl_coef·agg(kl) when
+    use_kl_loss]), as verl; the metrics are unscaled.
 
     `ref_logp_BT` may be None when use_kl_loss is off; the `kl` metric is then 0. Every
     metric is additive over micro-batches that share the full batch's `norm`.
     """
     if norm is None:
-        norm = aggregation_norms(mask_BT, config.agg)
+        norm = aggregation_norms(mask_BT, config.agg, group_rows=config.group_rows)
     pg_loss, metrics = policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT,
                                    clip_low=config.clip_low, clip_high=config.clip_high,
                                    clip_c=config.clip_c, agg=config.agg, norm=norm)
@@ -213,4 +310,4 @@ def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array
         total = total + config.kl_coef * kl
     else:
         kl = jnp.zeros((), jnp.float32)
-    return total, dict(metrics, pg_loss=pg_loss, entropy=entropy, kl=kl)
+    return config.loss_scale * total, dict(metrics, pg_loss=pg_loss, entropy=entropy, kl=kl)

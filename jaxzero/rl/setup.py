@@ -211,10 +211,12 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     loss_config = grpo.LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c,
                                   agg=g.loss_agg, entropy_coeff=g.entropy_coeff,
                                   use_kl_loss=g.use_kl_loss, kl_coef=g.kl_coef,
-                                  kl_kind=g.kl_kind)
+                                  kl_kind=g.kl_kind, group_rows=g.seed_micro_batch_rows,
+                                  loss_scale=g.loss_scale)
     fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
                                response_len=cfg.rollout.max_new_tokens,
-                               micro_batches=g.micro_batches, logit_chunk=g.logit_chunk)
+                               micro_batches=g.micro_batches, logit_chunk=g.logit_chunk,
+                               temperature=cfg.rollout.temperature)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
     ref_store = CheckpointStore(run_dir / "reference", keep=1)
     latest = store.latest_step()

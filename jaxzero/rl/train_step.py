@@ -27,12 +27,17 @@ class TrainBatch(NamedTuple):
 
 
 def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
-                        with_entropy: bool = False, chunk: int = 128):
-    """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes.
+                        with_entropy: bool = False, chunk: int = 128,
+                        temperature: float = 1.0):
+    """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes,
+    under softmax(logits / temperature): the distribution the rollouts were sampled from, as
+    verl's old-log-prob, reference and update passes all divide by the rollout temperature.
 
     Logits are formed `chunk` response positions at a time under a rematerialised map, so the
     [B, R, V] float32 logits never exist at once, in the forward or the backward pass.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     h_BLD, _ = model.hidden_states(tokens_BL, valid_BL)
     b, length = tokens_BL.shape
     h_BRD = h_BLD[:, length - response_len - 1: length - 1]
@@ -51,6 +56,8 @@ def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
     def one_chunk(args):
         h_BcD, t_Bc = args
         logits_BcV = jnp.einsum("BCD,VD->BCV", h_BcD, w_VD, preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits_BcV = logits_BcV / temperature
         logp = grpo.token_logprobs(logits_BcV, t_Bc)
         ent = grpo.token_entropy(logits_BcV) if with_entropy else jnp.zeros_like(logp)
         return logp, ent
@@ -61,11 +68,22 @@ def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
     return logp_BR, ent_BR
 
 
+def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_ (verl's clip): g · min(1, max_norm / (‖g‖ + 1e-6))."""
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(*, lr: float | Callable, weight_decay: float, b1: float, b2: float,
                    eps: float, grad_clip: float | None) -> optax.GradientTransformation:
-    """AdamW (decay on every parameter, as torch and verl do) after global-norm clipping."""
+    """AdamW (decay on every parameter, as torch and verl do) after torch's global-norm clip."""
     adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+    return optax.chain(clip_by_global_norm_as_torch(grad_clip), adamw) if grad_clip else adamw
 
 
 def lr_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
@@ -101,8 +119,12 @@ class StepFunctions:
 
 def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTransformation,
                          loss_config: grpo.LossConfig, mesh: Mesh, *, response_len: int,
-                         micro_batches: int = 1, logit_chunk: int = 128) -> StepFunctions:
-    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`."""
+                         micro_batches: int = 1, logit_chunk: int = 128,
+                         temperature: float = 1.0) -> StepFunctions:
+    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`.
+
+    `temperature` is the rollouts': both passes score softmax(logits / temperature).
+    """
     p_shard = param_shardings(abstract_params, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     o_shard = follow_params(abstract_opt, abstract_params, mesh)
@@ -112,13 +134,14 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
     def logprobs(params, tokens_BL, valid_BL):
         model = nnx.merge(graphdef, params)
         logp_BR, _ = completion_logprobs(model, tokens_BL, valid_BL, response_len,
-                                         chunk=logit_chunk)
+                                         chunk=logit_chunk, temperature=temperature)
         return logp_BR
 
     def loss_fn(params, mb: TrainBatch, norm):
         model = nnx.merge(graphdef, params)
         logp_BR, ent_BR = completion_logprobs(model, mb.tokens_BL, mb.valid_BL, response_len,
-                                              with_entropy=True, chunk=logit_chunk)
+                                              with_entropy=True, chunk=logit_chunk,
+                                              temperature=temperature)
         if loss_config.entropy_coeff == 0.0:
             # Still logged (a collapsing entropy is the first sign of a dying run), but with
             # no bonus it needs no gradient: the backward pass skips it.
@@ -132,18 +155,25 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
     def update(params, opt_state, batch: TrainBatch):
         # Normalisers come from the whole batch, so micro-batch losses and gradients sum
         # exactly to the full-batch ones.
-        norm = grpo.aggregation_norms(batch.response_mask_BR, loss_config.agg)
+        norm = grpo.aggregation_norms(batch.response_mask_BR, loss_config.agg,
+                                      group_rows=loss_config.group_rows)
         if micro_batches == 1:
             (loss, metrics), grads = grad_fn(params, batch, norm)
         else:
-            micro = jax.tree.map(lambda x: _micro_split(x, micro_batches), batch)
+            # The per-row normaliser travels with its rows, so any cut of the batch sums to
+            # the whole batch's loss, the seed's micro-batch token means included.
+            micro = jax.tree.map(lambda x: _micro_split(x, micro_batches),
+                                 (batch, norm.group_tokens_B))
             zeros = jax.tree.map(jnp.zeros_like, params)
+            with_rows = lambda rows_B: dataclasses.replace(norm, group_tokens_B=rows_B)
             (_, metrics_shape), _ = jax.eval_shape(
-                grad_fn, params, jax.tree.map(lambda x: x[0], micro), norm)
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro[0]),
+                with_rows(micro[1][0]))
 
-            def accumulate(carry, mb):
+            def accumulate(carry, mb_rows):
                 grads_acc, loss_acc, metrics_acc = carry
-                (loss, metrics), grads = grad_fn(params, mb, norm)
+                mb, rows_B = mb_rows
+                (loss, metrics), grads = grad_fn(params, mb, with_rows(rows_B))
                 return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
                         jax.tree.map(jnp.add, metrics_acc, metrics)), None
 

@@ -16,6 +16,7 @@ from jaxzero.parallel import distributed
 from jaxzero.errors import JaxzeroError
 from jaxzero.diagnosis.evaluate import evaluate_records
 from jaxzero.monitor.writer import console_line, samples_markdown
+from jaxzero.rl import grpo
 from jaxzero.rl.rollout import advantages, response_mask, rollout_metrics
 from jaxzero.rl.setup import Run, save_checkpoint, setup_run
 from jaxzero.parallel.sharding import to_host
@@ -112,6 +113,11 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
     valid_BL = np.concatenate([pick("prompt_mask"), valid_BR], axis=1)
     adv_B = advantages(scores_B, n, eps=cfg.grpo.adv_eps, scale_by_std=cfg.grpo.scale_by_std)
     mask_BR = response_mask(valid_BR, truncated_B, cfg.grpo.mask_truncated)
+    sampler_logp_BR = pick("logprobs")
+    if cfg.grpo.seed_dp_ranks:  # seed-micro-token-mean: rows in the seed's micro-batches
+        order = grpo.seed_row_order(valid_BL.sum(-1), cfg.grpo.seed_dp_ranks)
+        tokens_BL, valid_BL, mask_BR, adv_B, sampler_logp_BR = (
+            x[order] for x in (tokens_BL, valid_BL, mask_BR, adv_B, sampler_logp_BR))
 
     t2 = time.perf_counter()
     tokens_dev, valid_dev = run.to_rows(tokens_BL), run.to_rows(valid_BL)
@@ -120,7 +126,7 @@ def grpo_step(run: Run, step: int) -> dict[str, float]:
     else:
         ref_logp = run.to_rows(np.zeros(mask_BR.shape, np.float32))
     if cfg.rollout.use_sampler_logprobs:
-        old_logp = run.to_rows(pick("logprobs"))
+        old_logp = run.to_rows(sampler_logp_BR)
     else:
         old_logp = run.fns.logprobs(run.params, tokens_dev, valid_dev)
     jax.block_until_ready((ref_logp, old_logp))
