@@ -279,6 +279,9 @@ class TrainerConfig(_Section):
     seed: int = 0
     eval_examples_logged: int = 4
     export_hf: str | None = None  # HF directory written at the end; None: no export
+    # DiagnosisZero's loop (ray_trainer.fit) counts steps from 1 and stops when the count
+    # reaches batches × epochs, so it makes one update fewer, then validates once more.
+    seed_step_count: bool = False
 
     def _validate(self) -> None:
         self._require(self.run_dir != "", "run_dir", "give a directory")

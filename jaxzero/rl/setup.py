@@ -200,7 +200,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
                           num_epochs=cfg.trainer.total_epochs,
                           process_index=jax.process_index(), process_count=jax.process_count())
     steps_per_epoch = loader.batches_per_epoch
-    total_steps = steps_per_epoch * cfg.trainer.total_epochs
+    total_steps = steps_per_epoch * cfg.trainer.total_epochs - cfg.trainer.seed_step_count
     if cfg.trainer.max_steps is not None:
         total_steps = min(total_steps, cfg.trainer.max_steps)
     o = cfg.optim

@@ -218,6 +218,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> d
                 if stop.received:
                     log(f"received {stop.received}: saving step {step} and exiting")
                     break
+            if cfg.trainer.seed_step_count and cfg.trainer.eval_every and not stop.received \
+                    and step % cfg.trainer.eval_every:  # the seed's validation after training
+                last.update(_evaluate(run, step))
             save_checkpoint(run, step, log=log, force=True)
             if cfg.trainer.export_hf and not stop.received:
                 run.export_hf(cfg.trainer.export_hf, log=log)

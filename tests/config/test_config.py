@@ -58,6 +58,21 @@ def test_qwen_configs_reproduce_diagnosiszero(size, mesh):
     assert (cfg.data.train_file, cfg.data.test_file) == \
         ("data/rarearena/train.jsonl", "data/rarearena/test.jsonl")
     assert cfg.demo.warmup_steps == 0
+    # The seed's arithmetic: its loss, its matcher, its step count, AdamW's eps.
+    ranks, rows = (8, 8) if size == "7B" else (4, 16)
+    g = cfg.grpo
+    assert (g.loss_agg, g.seed_dp_ranks, g.seed_micro_batch_rows, g.loss_scale) == \
+        ("seed-micro-token-mean", ranks, rows, 1 / 32)
+    # 1/32 = micro-batches / (GPUs × gradient accumulation 256·16/GPUs / (64/GPUs)).
+    assert g.loss_scale == (128 // rows) / (ranks * ((256 * 16 // ranks) // (64 // ranks)))
+    assert (cfg.reward.matcher, cfg.reward.mode, cfg.optim.eps) == ("difflib", "strict", 1e-8)
+    assert cfg.trainer.seed_step_count
+    fixed = load_config(CONFIGS / f"qwen2.5-{size.lower()}-fixed.yaml")
+    assert (fixed.grpo.loss_agg, fixed.grpo.loss_scale, fixed.trainer.seed_step_count) == \
+        ("token-mean", 1.0, False)
+    assert diff_configs(cfg, fixed) == [
+        "grpo.loss_agg", "grpo.seed_micro_batch_rows", "grpo.seed_dp_ranks",
+        "grpo.loss_scale", "trainer.run_dir", "trainer.seed_step_count"]
 
 
 def test_demo_config():
@@ -162,6 +177,12 @@ def test_bad_choice(tmp_path):
     ("grpo.micro_batches=3", "grpo.micro_batches=3 must divide data.prompts_per_step × rollout.n"),
     ("rollout.micro_batch=48", "rollout.micro_batch=48 must divide"),
     ("rollout.temperature=-0.1", "rollout.temperature=-0.1"),
+    ("rollout.temperature=0", "rollout.temperature=0.0: GRPO trains on sampled rollouts: "
+     "greedy decoding (0) gives every response of a group the same reward"),
+    ("grpo.loss_agg=seed-micro-token-mean", "grpo.seed_micro_batch_rows=null: give it"),
+    ("grpo.seed_dp_ranks=4", "grpo.seed_dp_ranks=4: give it (a positive count) with "
+     "grpo.loss_agg: seed-micro-token-mean, and only then"),
+    ("grpo.loss_scale=0", "grpo.loss_scale=0.0: must be positive"),
     ("rollout.top_p=0", "rollout.top_p=0.0: must be in (0, 1]"),
     ("rollout.n=1", "rollout.n=1: must be at least 2"),
     ("grpo.clip_low=1.0", "grpo.clip_low=1.0: must be in [0, 1)"),
@@ -181,6 +202,17 @@ def test_bad_choice(tmp_path):
 ])
 def test_cross_field_validation(tmp_path, override, expected):
     assert expected in _error(load_config, _minimal(tmp_path), [override])
+
+
+def test_seed_loss_groups_must_tile_the_batch(tmp_path):
+    seed = ["grpo.loss_agg=seed-micro-token-mean", "grpo.seed_micro_batch_rows=16"]
+    cfg = load_config(_minimal(tmp_path), seed + ["grpo.seed_dp_ranks=4"])
+    assert (cfg.grpo.seed_dp_ranks, cfg.grpo.seed_micro_batch_rows) == (4, 16)
+    msg = _error(load_config, _minimal(tmp_path), seed + ["grpo.seed_dp_ranks=3"])
+    assert msg.endswith("grpo.seed_dp_ranks × grpo.seed_micro_batch_rows = 3 × 16 = 48 must divide "
+                   "data.prompts_per_step × rollout.n = 128")
+    # Memory micro-batching need not line up with the seed's groups.
+    load_config(_minimal(tmp_path), seed + ["grpo.seed_dp_ranks=4", "grpo.micro_batches=32"])
 
 
 def test_direct_construction_is_validated():

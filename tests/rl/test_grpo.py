@@ -1,5 +1,6 @@
 """GRPO math against an independent, loop-based numpy reference of verl's definitions."""
 
+import dataclasses
 import functools
 import math
 
@@ -336,3 +337,71 @@ def test_micro_batch_gradients_and_metrics_sum_to_full(mode):
     np.testing.assert_allclose(np.concatenate(g_logp_parts), g_logp, rtol=1e-6, atol=0)
     np.testing.assert_allclose(np.concatenate(g_ent_parts), g_ent, rtol=1e-6, atol=0)
     assert np.all(np.asarray(g_logp)[mask == 0] == 0)
+
+
+# ---- seed-micro-token-mean: DiagnosisZero's per-micro-batch token means ----
+
+def ref_seed_aggregate(x, mask, group_rows):
+    """Mean over consecutive blocks of group_rows rows of each block's token mean."""
+    means = []
+    for start in range(0, x.shape[0], group_rows):
+        block = slice(start, start + group_rows)
+        means.append(ref_aggregate(x[block], mask[block], "token-mean"))
+    return sum(means) / len(means)
+
+
+def _logp_mask(seed, b, t):
+    logp, _, _, _, mask, _ = random_batch(seed, rows=b, cols=t)
+    return jnp.asarray(logp), jnp.asarray(mask)
+
+
+def test_seed_aggregate_is_the_mean_of_group_token_means():
+    logp, mask = _logp_mask(seed=5, b=16, t=6)
+    for rows in (1, 2, 4, 8):
+        got = grpo.aggregate(logp, mask, grpo.SEED_AGG,
+                             norm=grpo.aggregation_norms(mask, grpo.SEED_AGG, group_rows=rows))
+        np.testing.assert_allclose(got, ref_seed_aggregate(np.asarray(logp), np.asarray(mask),
+                                                            rows), rtol=1e-5)
+    # One group of the whole batch is the whole-batch token mean.
+    whole = grpo.aggregation_norms(mask, grpo.SEED_AGG, group_rows=16)
+    np.testing.assert_allclose(grpo.aggregate(logp, mask, grpo.SEED_AGG, norm=whole),
+                               grpo.aggregate(logp, mask, "token-mean"), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs group_rows"):
+        grpo.aggregation_norms(mask, grpo.SEED_AGG)
+    with pytest.raises(ValueError, match="divide the batch"):
+        grpo.aggregation_norms(mask, grpo.SEED_AGG, group_rows=5)
+
+
+def test_seed_aggregate_is_exact_under_any_row_split():
+    """Rows split any way (strided, as the update's micro-batches) carry their group's
+    normaliser with them, and the parts sum to the whole."""
+    logp, mask = _logp_mask(seed=6, b=16, t=5)
+    norm = grpo.aggregation_norms(mask, grpo.SEED_AGG, group_rows=4)
+    whole = float(grpo.aggregate(logp, mask, grpo.SEED_AGG, norm=norm))
+    for parts in ([range(0, 16, 2), range(1, 16, 2)], [[0], range(1, 16)],
+                  [range(m, 16, 4) for m in range(4)]):
+        total = 0.0
+        for rows in parts:
+            rows = np.array(rows)
+            part_norm = dataclasses.replace(norm, group_tokens_B=norm.group_tokens_B[rows])
+            total += float(grpo.aggregate(logp[rows], mask[rows], grpo.SEED_AGG,
+                                          norm=part_norm))
+        np.testing.assert_allclose(total, whole, rtol=1e-6)
+
+
+def test_loss_scale_scales_the_loss_not_the_metrics():
+    logp, mask = _logp_mask(seed=7, b=16, t=5)
+    adv = jnp.linspace(-1.0, 1.0, 16)
+    kwargs = dict(entropy_BT=jnp.ones_like(logp))
+    base = grpo.LossConfig(agg=grpo.SEED_AGG, group_rows=2)
+    scaled = grpo.LossConfig(agg=grpo.SEED_AGG, group_rows=2, loss_scale=1 / 32)
+    a, ma = grpo.grpo_loss(logp, logp - 0.1, logp, adv, mask, config=base, **kwargs)
+    b, mb = grpo.grpo_loss(logp, logp - 0.1, logp, adv, mask, config=scaled, **kwargs)
+    np.testing.assert_allclose(float(b), float(a) / 32, rtol=1e-6)
+    assert jax.tree.map(float, ma) == jax.tree.map(float, mb)
+    with pytest.raises(ValueError, match="group_rows is needed"):
+        grpo.LossConfig(agg=grpo.SEED_AGG)
+    with pytest.raises(ValueError, match="group_rows is needed"):
+        grpo.LossConfig(group_rows=4)
+    with pytest.raises(ValueError, match="loss_scale"):
+        grpo.LossConfig(loss_scale=0.0)
