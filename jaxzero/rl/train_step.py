@@ -73,7 +73,7 @@ def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformatio
 
     def update(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)

@@ -250,6 +250,7 @@ def test_parameters_after_one_adamw_step(port):
     assert 0.5 * LR < max(moves) < LR  # the steps are eps-limited, not lr·sign(g)
 
 
+@pytest.mark.slow  # a control of the port, not of jaxzero
 def test_whole_batch_token_mean_is_not_the_seed_loss(port):
     """The corrected mode differs from the seed's: a check that the port can tell them apart."""
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
