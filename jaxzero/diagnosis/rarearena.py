@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxzero.errors import ConfigError, DataError
+from jaxzero.io.tokenizer import chat_text
 
 PLACEHOLDER = "{case_text}"
 LONG_PROMPT_POLICIES = ("drop", "truncate_left")
@@ -253,13 +254,6 @@ def build_prompt_text(case_text: str, template: str) -> str:
     return template.replace(PLACEHOLDER, case_text)
 
 
-def chat_prompt(prompt: str, tokenizer) -> str:
-    """One user turn through the tokenizer's chat template, with the generation prompt (for
-    Qwen2.5-Instruct this also adds its default system message, as DiagnosisZero had)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-
-
 def split_cases(cases: Sequence[Case], train_ratio: float,
                 shuffle_seed: int | None = None) -> tuple[list[Case], list[Case]]:
     """The first int(n * train_ratio) cases for training, the rest for testing; shuffled
@@ -286,7 +280,7 @@ def _fit_left(case_text: str, template: str, tokenizer, max_len: int,
             raise ConfigError(f"the prompt template alone is over max_prompt_length {max_len} "
                               "tokens; raise max_prompt_length")
         text = case_text[offsets[drop][0]:].lstrip()
-        ids = tokenizer.encode(chat_prompt(build_prompt_text(text, template), tokenizer),
+        ids = tokenizer.encode(chat_text(tokenizer, build_prompt_text(text, template)),
                                add_special_tokens=False)
         excess = len(ids) - max_len
     return text, ids
@@ -354,7 +348,7 @@ def _prepared_rows(cases: Sequence[Case], template: str, tokenizer, max_len: int
              "orpha_id": c.orpha_id, "diagnosis": c.diagnosis} for c, p in zip(cases, prompts)]
     if tokenizer is None or not rows:
         return rows, 0, 0, 0
-    texts = [chat_prompt(p, tokenizer) for p in prompts]
+    texts = [chat_text(tokenizer, p) for p in prompts]
     kept, dropped, truncated = [], 0, 0
     for row, text, ids in zip(rows, texts, _token_ids(texts, tokenizer, desc)):
         if len(ids) > max_len:
@@ -364,7 +358,7 @@ def _prepared_rows(cases: Sequence[Case], template: str, tokenizer, max_len: int
             case_text, ids = _fit_left(row["case_text"], template, tokenizer, max_len,
                                        len(ids) - max_len)
             row["prompt"] = build_prompt_text(case_text, template)
-            text = chat_prompt(row["prompt"], tokenizer)
+            text = chat_text(tokenizer, row["prompt"])
             truncated += 1
         kept.append({**row, "prompt_text": text, "prompt_token_ids": list(ids)})
     longest = max((len(r["prompt_token_ids"]) for r in kept), default=0)
@@ -519,7 +513,7 @@ def with_prompt_ids(records: list[dict], tokenizer, max_len: int, *,
     would keep its end and lose the system header and the instructions at its start.
     """
     missing = [r for r in records if not r.get("prompt_token_ids")]
-    texts = [chat_prompt(r["prompt"], tokenizer) for r in missing]
+    texts = [chat_text(tokenizer, r["prompt"]) for r in missing]
     for row, ids in zip(missing, _token_ids(texts, tokenizer, "tokenizing prompts")):
         row["prompt_token_ids"] = list(ids)
     kept = [r for r in records if len(r["prompt_token_ids"]) <= max_len]

@@ -24,7 +24,7 @@ from jaxzero.io import hf as hf_io
 from jaxzero.io import staging
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.io.identity import (CHECKPOINTS, GENERATION_CONFIG, MODEL_CONFIG, TOKENIZER_DIR,
-                                 ModelSource, is_jaxzero_dir, read_model_config, resolve_source,
+                                 ModelSource, is_jaxzero_dir, resolve_source,
                                  write_model_config)
 from jaxzero.errors import CheckpointError
 from jaxzero.model.qwen2 import ModelOptions, Qwen2ForCausalLM, abstract_model

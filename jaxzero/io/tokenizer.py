@@ -240,13 +240,17 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
     return tokenizer
 
 
+def chat_text(tokenizer, text: str) -> str:
+    """`text` as one user turn through the chat template, with the generation prompt (for
+    Qwen2.5-Instruct this also adds its default system message, as DiagnosisZero had)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
 def encode_prompts(tokenizer, texts: list[str], *, chat: bool) -> list[list[int]]:
-    """Token ids of each text; with `chat`, as one user turn through the chat template with
-    the generation prompt (for Qwen2.5-Instruct this adds its default system message)."""
+    """Token ids of each text; with `chat`, each as one user turn (`chat_text`)."""
     if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                               add_generation_prompt=True, tokenize=False)
-                 for t in texts]
+        texts = [chat_text(tokenizer, t) for t in texts]
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import FIXTURES
 from jaxzero.diagnosis import rarearena
+from jaxzero.io.tokenizer import chat_text
 from jaxzero.errors import ConfigError, DataError
 
 RDC = FIXTURES / "rdc_sample.jsonl"
@@ -289,8 +290,8 @@ def test_prepare_with_tokenizer_applies_the_chat_template(tmp_path, tokenizer):
 def _lengths(tokenizer):
     cases, _ = rarearena.read_records(RDC)
     template = rarearena.load_prompt_template()
-    return [len(tokenizer.encode(rarearena.chat_prompt(
-        rarearena.build_prompt_text(c.case_text, template), tokenizer),
+    return [len(tokenizer.encode(chat_text(
+        tokenizer, rarearena.build_prompt_text(c.case_text, template)),
         add_special_tokens=False)) for c in cases]
 
 
@@ -420,7 +421,7 @@ def test_cli_output_and_tokenizer_faults_are_one_line_and_create_nothing(tmp_pat
     assert main(["prepare-data", str(RDC), str(out), "--tokenizer",
                  str(tmp_path / "no_tokenizer")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load a tokenizer" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "no usable tokenizer" in err and "Traceback" not in err
     assert not out.exists()
     assert main(["prepare-data", str(RDC), str(out)]) == 0
     assert main(["prepare-data", str(RDC), str(out)]) == 2
@@ -442,7 +443,7 @@ def test_the_trainer_drops_long_untokenized_prompts_instead_of_keeping_their_end
     assert [r["id"] for r in rows] == [r["id"] for r, n in zip(
         _read(tmp_path / "train.jsonl"), lengths) if n <= limit]
     for row in rows:  # whole prompts, system header first
-        text = rarearena.chat_prompt(row["prompt"], tokenizer)
+        text = chat_text(tokenizer, row["prompt"])
         assert row["prompt_token_ids"] == tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(row["prompt_token_ids"][:2]).startswith("<|im_start|>")
     assert [r["id"] for r in _with_token_ids(tmp_path / "train.jsonl", tokenizer, limit)] == \

@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxzero.io import hf as hf_io
 from jaxzero.io import model_dir as model_store
+from jaxzero.io.identity import read_model_config
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.errors import CheckpointError, JaxzeroError
 from jaxzero.parallel.sharding import make_mesh, param_shardings
@@ -44,7 +45,7 @@ def leaves_equal(a, b):
 
 def test_converted_dir_layout(jz_dir, hf_dir):
     assert model_store.is_jaxzero_dir(jz_dir) and not model_store.is_jaxzero_dir(hf_dir)
-    config, dtype = model_store.read_model_config(jz_dir)
+    config, dtype = read_model_config(jz_dir)
     assert dtype == "float32" and config.hidden_size == 32 and not config.tie_word_embeddings
     for name, text in FAKE_TOKENIZER.items():
         assert (jz_dir / "tokenizer" / name).read_text() == text
@@ -233,7 +234,7 @@ def test_cli_converts_both_ways(hf_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"-> {tmp_path / 'jz'}: model_config.json" in proc.stdout
     assert "wrote 27 tensors" in proc.stdout
-    assert model_store.read_model_config(tmp_path / "jz")[1] == "bfloat16"
+    assert read_model_config(tmp_path / "jz")[1] == "bfloat16"
     exported = hf_tensors(tmp_path / "out")
     source = hf_tensors(hf_dir)
     np.testing.assert_array_equal(  # float32 -> bfloat16 -> float32
