@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,9 +14,9 @@ import numpy as np
 from flax import nnx
 
 from jaxzero.config import schema as config_lib
-from jaxzero.config import files as config_yaml
 from jaxzero.parallel import distributed
 from jaxzero.rl import grpo
+from jaxzero.rl import run_dir as run_dir_lib
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
@@ -57,6 +56,7 @@ class Run:
     start_step: int
     total_steps: int
     lr_at: Callable[[int], float]
+    claim: run_dir_lib.RunDir  # the run directory, locked until close
     last_texts: tuple = ()
 
     @functools.cached_property
@@ -98,36 +98,7 @@ class Run:
         self.store.close()
         self.reward_worker.close()
         self.writer.close()
-
-
-# Keys a resumed run may change: how long it runs and how it logs, evaluates and saves.
-# Everything else (model, data, optimiser, loss) must match the run being resumed.
-RESUMABLE_KEYS = frozenset({
-    "trainer.max_steps", "trainer.total_epochs", "trainer.eval_every", "trainer.save_every",
-    "trainer.keep_checkpoints", "trainer.log_every", "trainer.eval_examples_logged",
-    "trainer.export_hf", "data.eval_max_prompts",
-})
-
-
-def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        if overwrite:
-            if distributed.is_main_process():
-                shutil.rmtree(run_dir)
-        else:
-            diff = [k for k in config_lib.diff_configs(config_yaml.load_config(saved), cfg)
-                    if k not in RESUMABLE_KEYS]
-            if diff:
-                raise ConfigError(
-                    f"{run_dir} holds a run with a different config (differs in: "
-                    f"{', '.join(diff[:8])}); pass --overwrite to start afresh there, or "
-                    "choose another trainer.run_dir")
-    elif resume:
-        raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
-    if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_yaml.save_config(cfg, saved)
+        self.claim.close()
 
 
 def _load_data(cfg, run_dir: Path, tokenizer):
@@ -144,7 +115,8 @@ def _load_data(cfg, run_dir: Path, tokenizer):
     train = _with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
     test = _with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
         if test_file else []
-    return train, test
+    files = {"train": Path(train_file), "test": Path(test_file) if test_file else None}
+    return train, test, files
 
 
 def _with_token_ids(path, tokenizer, max_len):
@@ -175,16 +147,29 @@ def _model_and_tokenizer(cfg, run_dir: Path):
 
 
 def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
-    run_dir = Path(cfg.trainer.run_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # fail fast on a bad mesh
-    _prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
+    claim = run_dir_lib.open_run_dir(cfg, resume=resume, overwrite=overwrite,
+                                     main=distributed.is_main_process())
+    try:
+        return _build_run(cfg, claim, mesh, resume=resume, log=log)
+    except BaseException:
+        claim.close()
+        raise
+
+
+def _build_run(cfg, claim: run_dir_lib.RunDir, mesh, *, resume: bool, log) -> Run:
+    run_dir = claim.path
     _sync("run dir")
     identity = _model_and_tokenizer(cfg, run_dir)
     model_config, tokenizer = identity.config, identity.tokenizer
     if distributed.is_main_process():
         from jaxzero.io.identity import write_model_config
         write_model_config(run_dir, model_config, cfg.model.param_dtype)
-    train_records, test_records = _load_data(cfg, run_dir, tokenizer)
+    train_records, test_records, data_files = _load_data(cfg, run_dir, tokenizer)
+    data_fingerprint = claim.check_data(data_files)
+    for name, records in (("train", train_records), ("test", test_records)):
+        if data_files[name] is not None:
+            run_dir_lib.check_token_ids(records, data_files[name], model_config.vocab_size)
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
@@ -230,7 +215,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     }
     base_key = jax.random.key(cfg.trainer.seed)
     if latest is not None:
-        arrays, meta = _restore(store, latest, abstract_arrays)
+        latest, arrays, meta = _restore_newest(store, abstract_arrays, log)
         _check_model_config(meta, model_config, store.directory)
         params, opt_state = arrays["params"], arrays["opt_state"]
         loader.set_state(meta["data_state"])
@@ -265,13 +250,15 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
     writer = MetricsWriter(run_dir / "tb")
     if start_step == 0:
         writer.hparams(config_lib.flatten(cfg))
+    if distributed.is_main_process():
+        claim.commit(cfg, data_fingerprint)  # the run's identity, once setup has succeeded
     return Run(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model_config=model_config,
                mesh=mesh, graphdef=graphdef, fns=fns, params=params, opt_state=opt_state,
                ref_params=ref_params, sampler=sampler, loader=loader,
                train_records=train_records, test_records=test_records, writer=writer, store=store,
                reward_worker=RewardWorker(tokenizer, reward_kwargs),
                reward_kwargs=reward_kwargs, base_key=base_key, start_step=start_step,
-               total_steps=total_steps, lr_at=lambda s: float(schedule(s)))
+               total_steps=total_steps, lr_at=lambda s: float(schedule(s)), claim=claim)
 
 
 def save_checkpoint(run: Run, step: int, *, log=print, force: bool = False) -> None:
@@ -296,6 +283,17 @@ def _restore(store: CheckpointStore, step, abstract_tree):
     """Restores a tree saved through `_pure` back into `abstract_tree`'s structure."""
     arrays, meta = store.restore(step, abstract_arrays=_pure(abstract_tree))
     return jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays)), meta
+
+
+def _restore_newest(store: CheckpointStore, abstract_tree, log):
+    """The newest checkpoint that restores, as `_restore`; damaged newer steps are set aside
+    (so this run can save those steps again) and named."""
+    step, arrays, meta, skipped = store.restore_newest(abstract_arrays=_pure(abstract_tree))
+    for bad, why in skipped:
+        moved = store.set_aside(bad)
+        log(f"skipped checkpoint {store.directory / str(bad)}: {why}; moved it to {moved}")
+    arrays = jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays))
+    return step, arrays, meta
 
 
 def _abstract_on(tree, shardings):
@@ -337,6 +335,10 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
     if initial_params is not None:
         ref = to_compute(initial_params)  # a new buffer: the params get donated, it must not
         if cfg.model.demo:
+            # A reference saved by an earlier start of this run that died before its first
+            # checkpoint: replaced, since this start's initial parameters are the ones trained.
+            for stale in ref_store.all_steps():
+                ref_store.delete(stale)
             ref_store.save(0, _pure({"params": ref}), {"model_config": model_config.to_dict()},
                            force=True)
             ref_store.wait()
