@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,32 @@ class _DropRethrownThreadErrors(logging.Filter):
 
 if not any(isinstance(f, _DropRethrownThreadErrors) for f in logging.getLogger("absl").filters):
     logging.getLogger("absl").addFilter(_DropRethrownThreadErrors())
+
+
+def _is_late_write_callback(unraisable) -> bool:
+    """tensorstore's completion callback of a write still in flight when a failed save closed
+    orbax's event loop: harmless (its save already failed), printed once per array."""
+    if not isinstance(unraisable.exc_value, RuntimeError) or \
+            str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_late_write_callbacks() -> None:
+    """Drops `_is_late_write_callback` reports from here on; everything else still reaches
+    the previous hook. Installed before each save: the reports can arrive before the failed
+    save raises, or long after."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxzero_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _is_late_write_callback(unraisable):
+            previous(unraisable)
+
+    hook._jaxzero_quiet = True
+    sys.unraisablehook = hook
 
 
 def _innermost(err: BaseException) -> BaseException:
@@ -186,6 +214,7 @@ class CheckpointStore:
         args = ocp.args.Composite(**{_ARRAYS: ocp.args.PyTreeSave(arrays),
                                      _META: ocp.args.JsonSave(dict(meta))})
         before = self.latest_step()
+        _quiet_late_write_callbacks()
         try:
             saved = bool(self._manager.save(step, args=args, force=force))
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
