@@ -103,6 +103,8 @@ def open_run_dir(cfg, *, resume: bool, overwrite: bool, main: bool) -> RunDir:
     deletes what jaxzero wrote there. Only the main process writes and locks."""
     path = Path(cfg.trainer.run_dir)
     _refuse_foreign(path)
+    if resume and not (path / CONFIG).exists():  # before a mistyped path gets created
+        raise CheckpointError(f"--resume: {path} holds no run to resume")
     lock_fd = None
     if main:
         path.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,8 @@ def open_run_dir(cfg, *, resume: bool, overwrite: bool, main: bool) -> RunDir:
         else:
             saved = _saved_run(cfg, path)
         if resume and saved is None:
-            raise CheckpointError(f"--resume: {path} holds no run to resume")
+            raise CheckpointError(f"--resume with --overwrite: {path} will hold no run to "
+                                  "resume")
         return RunDir(path, lock_fd, saved)
     except BaseException:
         if lock_fd is not None:

@@ -136,9 +136,11 @@ def test_an_empty_or_new_directory_becomes_a_run(tmp_path):
         assert claim.is_fresh
         assert json.loads((tmp_path / name / rd.MARKER).read_text())["created_by"] == "jaxzero"
         claim.close()
-    with pytest.raises(CheckpointError, match="--resume: .* holds no run to resume"):
-        rd.open_run_dir(_cfg(tmp_path / "empty", "m", "t"), resume=True, overwrite=False,
-                        main=True)
+    for name in ("empty", "typo"):
+        with pytest.raises(CheckpointError, match="--resume: .* holds no run to resume"):
+            rd.open_run_dir(_cfg(tmp_path / name, "m", "t"), resume=True, overwrite=False,
+                            main=True)
+    assert not (tmp_path / "typo").exists()
 
 
 # ---------------------------------------------------------------- the lock (item 12)
