@@ -2,10 +2,10 @@
 
 A random tiny model never writes `<answer>` by chance, so the demo first teaches it the
 output format by a short supervised warm-up. Its answers are the case's own Orphanet name
-only `correct_fraction` of the time and a random one of the demo's diagnoses otherwise, so
-the warm-up alone can teach at most that weak a preference; whatever accuracy the policy
-gains beyond it during GRPO is the reward's doing. Real runs (the shipped Qwen2.5 configs)
-have no warm-up.
+only `correct_fraction` of the time and a random one of the demo's diagnoses otherwise; the
+demo config sets the fraction to 0, so the warm-up teaches the format and the set of names but
+nothing about which case has which, and whatever accuracy the policy gains during GRPO is the
+reward's doing. Real runs (the shipped Qwen2.5 configs) have no warm-up.
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ WARMUP_THINK = "The findings point to one rare disease."
 
 def warmup_target(diagnosis: str) -> str:
     return f"<think>\n{WARMUP_THINK}\n</think>\n<answer> {diagnosis} </answer>"
+
+
+def warmup_answers(own: list[str], diagnoses: list[str], correct_fraction: float,
+                   rng: np.random.Generator) -> list[str]:
+    """The warm-up's answer for each case: its own diagnosis `own[i]` with probability
+    `correct_fraction`, else one of `diagnoses` drawn uniformly, whatever the case."""
+    return [o if rng.random() < correct_fraction else diagnoses[rng.integers(len(diagnoses))]
+            for o in own]
 
 
 def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], prompt_len: int,
@@ -74,8 +82,8 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     for step in range(steps):
         picks = rng.choice(len(records), batch_size, replace=len(records) < batch_size)
         prompts = [records[i]["prompt_token_ids"] for i in picks]
-        answers = [records[i]["labels"][-1] if rng.random() < correct_fraction
-                   else diagnoses[rng.integers(len(diagnoses))] for i in picks]
+        answers = warmup_answers([records[i]["labels"][-1] for i in picks], diagnoses,
+                                 correct_fraction, rng)
         targets = [tokenizer.encode(warmup_target(a), add_special_tokens=False) + [eos]
                    for a in answers]
         tokens, valid, mask = warmup_batch(prompts, targets, prompt_len, response_len, pad)
