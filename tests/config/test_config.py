@@ -80,9 +80,9 @@ def test_demo_config():
     assert cfg.model.demo and cfg.model.path is None
     assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == \
         ("float32", "float32", "none")
-    assert cfg.data.train_file is None and cfg.data.prompt_buckets == (256,)
-    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (8, 40, 40)
-    assert cfg.demo.warmup_steps == 100 and cfg.trainer.export_hf == "runs/demo/hf"
+    assert cfg.data.train_file is None and cfg.data.prompt_buckets == (224,)
+    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (4, 32, 40)
+    assert cfg.demo.warmup_steps == 150 and cfg.trainer.export_hf == "runs/demo/hf"
     assert (cfg.grpo.micro_batches, cfg.grpo.logit_chunk) == (4, 2)  # measured: 2x faster
     assert cfg.mesh.resolve(8) == (1, 8, 1)
 
