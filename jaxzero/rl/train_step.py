@@ -147,7 +147,7 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
             # no bonus it needs no gradient: the backward pass skips it.
             ent_BR = jax.lax.stop_gradient(ent_BR)
         return grpo.grpo_loss(logp_BR, mb.old_logp_BR, mb.ref_logp_BR, mb.advantages_B,
-                              mb.response_mask_BR, entropy_BT=ent_BR, config=loss_config,
+                              mb.response_mask_BR, entropy_BR=ent_BR, config=loss_config,
                               norm=norm)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
