@@ -111,23 +111,6 @@ class MeshConfig(_Section):
     def _sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
-    def resolve(self, device_count: int) -> tuple[int, int, int]:
-        """(data, fsdp, tensor) sizes that multiply to `device_count`, the -1 axis filled in."""
-        sizes = self._sizes()
-        fixed = math.prod(v for v in sizes.values() if v != -1)
-        wild = [k for k, v in sizes.items() if v == -1]
-        if wild and device_count % fixed == 0:
-            sizes[wild[0]] = device_count // fixed
-        elif wild:
-            raise ConfigError(
-                f"mesh {_asked(sizes)}: the fixed axes take {fixed} devices, which does not "
-                f"divide the {device_count} devices that exist (jax.device_count())")
-        elif fixed != device_count:
-            raise ConfigError(
-                f"mesh {_asked(sizes)} = {fixed} devices, but {device_count} devices exist "
-                "(jax.device_count()); use fsdp=-1 to take the remaining devices")
-        return sizes["data"], sizes["fsdp"], sizes["tensor"]
-
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):

@@ -25,7 +25,7 @@ from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.rl.rollout import RewardWorker
 from jaxzero.model.sampler import Sampler
-from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
+from jaxzero.parallel.sharding import abstract_on, batch_sharding, make_mesh, put_global
 from jaxzero.rl.train_step import (build_step_functions, init_opt_state, lr_schedule,
                                 make_optimizer)
 
@@ -110,7 +110,7 @@ def _load_data(cfg, run_dir: Path, tokenizer):
         if distributed.is_main_process() and not (out / "train.jsonl").exists():
             prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
                          max_prompt_length=cfg.data.max_prompt_length, force=True)
-        _sync("demo data")
+        distributed.sync("demo data")
         train_file, test_file = out / "train.jsonl", out / "test.jsonl"
     train = _with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
     test = _with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
@@ -127,12 +127,6 @@ def _with_token_ids(path, tokenizer, max_len):
     if dropped and distributed.is_main_process():
         print(f"{path}: dropped {dropped} prompts over data.max_prompt_length={max_len} tokens")
     return records
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def _model_and_tokenizer(cfg, run_dir: Path):
@@ -159,7 +153,7 @@ def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
 
 def _build_run(cfg, claim: run_dir_lib.RunDir, mesh, *, resume: bool, log) -> Run:
     run_dir = claim.path
-    _sync("run dir")
+    distributed.sync("run dir")
     identity = _model_and_tokenizer(cfg, run_dir)
     model_config, tokenizer = identity.config, identity.tokenizer
     if distributed.is_main_process():
@@ -202,6 +196,8 @@ def _build_run(cfg, claim: run_dir_lib.RunDir, mesh, *, resume: bool, log) -> Ru
                                response_len=cfg.rollout.max_new_tokens,
                                micro_batches=g.micro_batches, logit_chunk=g.logit_chunk,
                                temperature=cfg.rollout.temperature)
+    for line in fns.replicated:  # listed once: what the mesh cannot shard as the table asks
+        log(f"sharding: {line}")
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
     ref_store = CheckpointStore(run_dir / "reference", keep=1)
     latest = store.latest_step()
@@ -210,8 +206,8 @@ def _build_run(cfg, claim: run_dir_lib.RunDir, mesh, *, resume: bool, log) -> Ru
 
     abstract_opt = jax.eval_shape(optimizer.init, abstract)
     abstract_arrays = {
-        "params": _abstract_on(abstract, fns.param_shardings),
-        "opt_state": _abstract_on(abstract_opt, fns.opt_shardings),
+        "params": abstract_on(abstract, fns.param_shardings),
+        "opt_state": abstract_on(abstract_opt, fns.opt_shardings),
     }
     base_key = jax.random.key(cfg.trainer.seed)
     if latest is not None:
@@ -294,11 +290,6 @@ def _restore_newest(store: CheckpointStore, abstract_tree, log):
         log(f"skipped checkpoint {store.directory / str(bad)}: {why}; moved it to {moved}")
     arrays = jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays))
     return step, arrays, meta
-
-
-def _abstract_on(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
 
 
 def _check_model_config(meta: dict, model_config: Qwen2Config, where) -> None:

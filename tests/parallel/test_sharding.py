@@ -10,7 +10,7 @@ from helpers import LOSS, R, TINY, grpo_batch
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import init_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.parallel.sharding import (PARAM_RULES, follow_params, make_mesh, param_shardings,
+from jaxzero.parallel.sharding import (PARAM_NAMES, follow_params, make_mesh, param_shardings,
                               resolve_mesh_shape)
 from jaxzero.rl.train_step import build_step_functions, init_opt_state, make_optimizer
 
@@ -24,8 +24,8 @@ def _run(mesh):
     batch = grpo_batch()
     with jax.set_mesh(mesh):
         logits, _ = jax.jit(lambda p, t, v: nnx.merge(graphdef, p)(t, v))(
-            params, batch.tokens_BL, batch.valid_BL)
-    logp = fns.logprobs(params, batch.tokens_BL, batch.valid_BL)
+            params, batch.tokens_BT, batch.valid_BT)
+    logp = fns.logprobs(params, batch.tokens_BT, batch.valid_BT)
     new_params, new_opt, metrics = fns.update(params, opt_state, batch)
     return (np.asarray(logits), np.asarray(logp), jax.device_get(metrics),
             jax.device_get(new_params), new_params, new_opt)
@@ -41,7 +41,7 @@ def single():
 def test_sharded_equals_single_device(single, mesh_shape):
     logits, logp, metrics, params, _, _ = _run(make_mesh(*mesh_shape))
     ref_logits, ref_logp, ref_metrics, ref_params, _, _ = single
-    valid = np.asarray(grpo_batch().valid_BL)
+    valid = np.asarray(grpo_batch().valid_BT)
     np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=1e-5)
     np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
     for key in ("loss", "grad_norm", "pg_loss", "kl", "entropy"):
@@ -80,7 +80,7 @@ def test_every_parameter_has_a_rule():
     untied = Qwen2Config(**{**TINY.to_dict(), "tie_word_embeddings": False})
     _, params = nnx.split(init_model(untied))
     names = {str(p[-2].key) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert names == set(PARAM_RULES)
+    assert names == set(PARAM_NAMES)
 
 
 def test_optimizer_state_follows_parameters():

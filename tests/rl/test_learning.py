@@ -43,10 +43,10 @@ def test_mean_reward_rises_on_a_toy_task():
         scores = (tokens == TARGET).mean(axis=1).astype(np.float32)
         rewards.append(scores.mean())
         adv = np.asarray(grpo.group_advantages(scores, N))
-        tokens_BL = np.concatenate([np.asarray(out.prompt_tokens), tokens], axis=1)
-        valid_BL = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.mask)], axis=1)
+        tokens_BT = np.concatenate([np.asarray(out.prompt_tokens), tokens], axis=1)
+        valid_BT = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.mask)], axis=1)
         put = lambda x: put_global(x, rows)
-        batch = TrainBatch(put(tokens_BL), put(valid_BL), put(np.asarray(out.mask, np.float32)),
+        batch = TrainBatch(put(tokens_BT), put(valid_BT), put(np.asarray(out.mask, np.float32)),
                            put_global(adv, batch_sharding(mesh, 1)), out.logprobs,
                            put(np.zeros((PROMPTS * N, R), np.float32)))
         params, opt_state, _ = fns.update(params, opt_state, batch)
