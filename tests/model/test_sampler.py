@@ -13,7 +13,7 @@ from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import ModelOptions, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.sampler import (Sampler, SamplingParams, _ordered, _top_k, _top_p, finish_reasons,
-                             pad_prompts, prefill, sample_token)
+                             SamplerLoop, pad_prompts, sample_token)
 from jaxzero.parallel.sharding import make_mesh, param_shardings
 
 VOCAB, PAD = 96, 0
@@ -186,14 +186,14 @@ def test_one_compile_per_bucket_and_params_are_traced():
     graphdef, state = nnx.split(init_model(CONFIG))
     sampler = _sampler(graphdef, max_new_tokens=4)
     # jit's cache is per wrapped function, shared by every Sampler: count what this one adds.
-    before = sampler._decode._cache_size(), sampler._prefill._cache_size()
+    before = SamplerLoop.decode._cache_size(), SamplerLoop.prefill._cache_size()
     for i, length in enumerate([9, 10, 12, 15, 16]):  # all in bucket 16
         prompts = [[3] * length, [4] * (length - 5)]
         sampler.generate(state, prompts, key=jax.random.key(i), n=2,
                          temperature=[0.0, 0.5, 1.0, 1.3, 0.9][i], top_p=[1.0, 0.9][i % 2],
                          top_k=i)
-    assert sampler._decode._cache_size() - before[0] == 1
-    assert sampler._prefill._cache_size() - before[1] == 1
+    assert SamplerLoop.decode._cache_size() - before[0] == 1
+    assert SamplerLoop.prefill._cache_size() - before[1] == 1
 
 
 def test_kv_cache_decoding_matches_full_recompute(models):
@@ -203,8 +203,7 @@ def test_kv_cache_decoding_matches_full_recompute(models):
     sampler = _sampler(graphdef, max_new_tokens=5)
     tokens_PT, valid_PT = pad_prompts(PROMPTS, 8, PAD)
     n, cont = 2, np.array([[11, 12, 13, 14]] * 8, np.int32)  # any continuation tokens
-    cache, logits_BV = jax.jit(prefill, static_argnums=(0, 1, 2))(
-        graphdef, sampler.config, n, state, tokens_PT, valid_PT)
+    cache, logits_BV = sampler.loop(n).prefill(state, tokens_PT, valid_PT)
     full_tokens = np.concatenate([np.repeat(tokens_PT, n, 0), cont], axis=1)
     full_valid = np.concatenate([np.repeat(valid_PT, n, 0), np.ones_like(cont, bool)], axis=1)
     ref, _ = step_fn(full_tokens, full_valid)
