@@ -209,6 +209,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head_VD = _normal(rngs, (config.vocab_size, config.hidden_size), pd)
 
+    def embed(self, tokens_BT) -> jax.Array:
+        """Input embeddings [B, T, D] in the compute dtype."""
+        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
+        return constrain(x_BTD, self.options.sharding.act_BTD)
+
     def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
@@ -216,17 +221,21 @@ class Qwen2ForCausalLM(nnx.Module):
         the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
         valid slot up to their own.
         """
+        return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
+                                                  cache)
+
+    def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
+                                      cache: KVCache | None = None):
+        """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
-        t = tokens_BT.shape[1]
-        cd, shd = self.options.compute_dtype, self.options.sharding
-        x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cd),
-                          shd.act_BTD)
+        shape_BT, shd = valid_BT.shape, self.options.sharding
+        t = shape_BT[1]
         if cache is None:
-            query_slot_BT = jnp.broadcast_to(jnp.arange(t), tokens_BT.shape)
+            query_slot_BT = jnp.broadcast_to(jnp.arange(t), shape_BT)
             key_valid_BS = valid_BT.astype(jnp.bool_)
         else:
-            query_slot_BT = jnp.broadcast_to(cache.end + jnp.arange(t), tokens_BT.shape)
+            query_slot_BT = jnp.broadcast_to(cache.end + jnp.arange(t), shape_BT)
             key_valid_BS = jax.lax.dynamic_update_slice(
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
