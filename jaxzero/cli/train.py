@@ -33,11 +33,15 @@ def run(args) -> None:
     from jaxzero.diagnosis.task import make_task
     from jaxzero.rl.trainer import train
     with contextlib.ExitStack() as stack:
-        json_log, log = None, print
+        # Flushed per line: a piped log (tee, a job scheduler) shows each step as it ends.
+        json_log, out = None, sys.stdout
         if args.log_json == "-":
-            json_log = sys.stdout
-            log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+            json_log, out = sys.stdout, sys.stderr
         elif args.log_json:
             json_log = stack.enter_context(open(args.log_json, "w", encoding="utf-8"))
+
+        def log(line: str) -> None:
+            print(line, file=out, flush=True)
+
         train(cfg, make_task, resume=args.resume, overwrite=args.overwrite, log=log,
               quiet=args.quiet, json_log=json_log)

@@ -23,7 +23,8 @@ from jaxzero.monitor.writer import Console, samples_markdown
 from jaxzero.parallel import distributed
 from jaxzero.parallel.sharding import to_host
 from jaxzero.rl.rollout import (Candidates, HostBatch, all_groups, assemble_batch,
-                                select_groups, sequences, rollout_metrics, training_samples)
+                                group_spread, rollout_metrics, select_groups, sequences,
+                                training_samples)
 from jaxzero.rl.setup import (Engine, RunFiles, TrainState, close_run, save_checkpoint,
                               setup_run)
 from jaxzero.rl.task import Record, Sample, TaskFactory
@@ -122,9 +123,16 @@ def score(engine: Engine, rollouts: Rollouts) -> tuple[Any, Future]:
     return host, engine.reward_worker.submit(host.tokens, host.lengths, targets)
 
 
-def logprob_passes(engine: Engine, params, tokens_BL, valid_BL, sampler_logp_BR: np.ndarray):
+def on_devices(engine: Engine, tokens_BL: np.ndarray, valid_BL: np.ndarray):
+    return engine.to_rows(tokens_BL), engine.to_rows(valid_BL)
+
+
+def logprob_passes(engine: Engine, state: TrainState, tokens_BL, valid_BL,
+                   sampler_logp_BR: np.ndarray, console: Console | None = None):
     """Dispatches the old-policy and reference log-prob passes; device arrays [B, R]. Neither
     depends on the rewards."""
+    _note(console, ("logprobs", tokens_BL.shape), state,
+          f"log-prob passes (compiling for {tokens_BL.shape[1]} positions…)")
     cfg = engine.cfg
     if cfg.grpo.use_kl_loss:
         ref = engine.fns.logprobs(engine.ref_params, tokens_BL, valid_BL)
@@ -133,12 +141,41 @@ def logprob_passes(engine: Engine, params, tokens_BL, valid_BL, sampler_logp_BR:
     if cfg.rollout.use_sampler_logprobs:
         old = engine.to_rows(sampler_logp_BR)
     else:
-        old = engine.fns.logprobs(params, tokens_BL, valid_BL)
+        old = engine.fns.logprobs(state.params, tokens_BL, valid_BL)
     return old, ref
 
 
-def update(engine: Engine, state: TrainState, batch: TrainBatch):
+def select(engine: Engine, state: TrainState, first: Candidates, timings: dict,
+           console: Console | None = None):
+    """DAPO dynamic sampling: refills from further batches until enough groups have rewards
+    that differ (or grpo.max_refill_batches is spent). Returns (candidates, groups, how many
+    groups differed, refills)."""
+    n, want = engine.cfg.rollout.n, len(first.records)
+    candidates = [first]
+    refills = 0
+    while refills < engine.cfg.grpo.max_refill_batches and \
+            select_groups(candidates, n, want)[1] < want:
+        refills += 1
+        records = next_prompts(engine, state)
+        more = sample(engine, state, records, step_key(engine, state.step, refills), console)
+        host, pending = score(engine, more)
+        candidates.append(Candidates(host, records, _waited(pending, timings)))
+    groups, informative = select_groups(candidates, n, want)
+    return candidates, groups, informative, refills
+
+
+def assemble(engine: Engine, candidates, groups) -> HostBatch:
+    g = engine.cfg.grpo
+    return assemble_batch(candidates, groups, engine.cfg.rollout.n, pad_id=engine.pad_id,
+                          adv_eps=g.adv_eps, scale_by_std=g.scale_by_std,
+                          mask_truncated=g.mask_truncated)
+
+
+def update(engine: Engine, state: TrainState, batch: TrainBatch,
+           console: Console | None = None):
     """grpo.updates_per_step optimiser passes (dispatched); metrics stay on the devices."""
+    _note(console, ("update", batch.tokens_BL.shape), state,
+          f"update (compiling the train step for {batch.tokens_BL.shape[1]} positions…)")
     params, opt_state, metrics = state.params, state.opt_state, []
     for _ in range(engine.cfg.grpo.updates_per_step):
         params, opt_state, m = engine.fns.update(params, opt_state, batch)
@@ -147,6 +184,7 @@ def update(engine: Engine, state: TrainState, batch: TrainBatch):
 
 
 def _waited(pending: Future, timings: dict) -> Any:
+    """The reward thread's result; adds the time blocked on it and the time it took."""
     t = time.perf_counter()
     result = pending.result()
     timings["time/reward_wait"] = timings.get("time/reward_wait", 0.0) + time.perf_counter() - t
@@ -156,66 +194,48 @@ def _waited(pending: Future, timings: dict) -> Any:
 
 def train_on(engine: Engine, state: TrainState, first: Rollouts,
              console: Console | None = None) -> tuple[TrainState, StepRecord]:
-    """Scores, selects and assembles `first` (plus DAPO refills), runs the log-prob passes
-    and the update; returns the new state and the step's record, nothing fetched.
+    """Scores, selects and assembles `first`, runs the log-prob passes and the update;
+    returns the new state and the step's record, nothing fetched from the devices.
 
     The reward overlaps the log-prob passes: they are dispatched on the sampled tokens before
-    the reward thread's result is awaited. With grpo.filter_zero_std_groups it cannot: which
-    rows enter the batch depends on the rewards, so the passes wait for the selection.
+    the reward thread's result is awaited. With grpo.filter_zero_std_groups they cannot:
+    which rows enter the batch depends on the rewards, so the passes wait for the selection.
     """
-    cfg, n = engine.cfg, engine.cfg.rollout.n
-    want = len(first.records)
+    n, want = engine.cfg.rollout.n, len(first.records)
     host, pending = score(engine, first)
     timings = {"time/rollout": time.perf_counter() - first.started}
-    on_devices = lambda tokens, valid: (engine.to_rows(tokens), engine.to_rows(valid))
-    refills = 0
-    if not cfg.grpo.filter_zero_std_groups:
-        groups = all_groups([host], n)
-        tokens_dev, valid_dev = on_devices(*sequences([host], groups, n, engine.pad_id))
-        _note(console, ("logprobs", tokens_dev.shape), state,
-              f"log-prob passes (compiling for {tokens_dev.shape[1]} positions…)")
-        old, ref = logprob_passes(engine, state.params, tokens_dev, valid_dev, host.logprobs)
-        candidates = [Candidates(host, first.records, _waited(pending, timings))]
-        informative = int((candidates[0].scored.scores_B.reshape(-1, n).std(axis=1) > 0).sum())
+    if engine.cfg.grpo.filter_zero_std_groups:
+        first_scored = Candidates(host, first.records, _waited(pending, timings))
+        candidates, groups, informative, refills = select(engine, state, first_scored,
+                                                          timings, console)
+        batch = assemble(engine, candidates, groups)
+        tokens_BL, valid_BL = on_devices(engine, batch.tokens_BL, batch.valid_BL)
+        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, batch.sampler_logp_BR,
+                                  console)
+        analysis = engine.task.analyze(batch.texts)  # of the rows kept, from any batch
     else:
+        groups = all_groups([host], n)
+        tokens_BL, valid_BL = on_devices(engine, *sequences([host], groups, n, engine.pad_id))
+        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, host.logprobs, console)
         candidates = [Candidates(host, first.records, _waited(pending, timings))]
-        while refills < cfg.grpo.max_refill_batches and \
-                select_groups(candidates, n, want)[1] < want:
-            refills += 1
-            records = next_prompts(engine, state)
-            more = sample(engine, state, records, step_key(engine, state.step, refills), console)
-            h, p = score(engine, more)
-            candidates.append(Candidates(h, records, _waited(p, timings)))
-        groups, informative = select_groups(candidates, n, want)
-    batch = assemble_batch(candidates, groups, n, pad_id=engine.pad_id,
-                           adv_eps=cfg.grpo.adv_eps, scale_by_std=cfg.grpo.scale_by_std,
-                           mask_truncated=cfg.grpo.mask_truncated)
-    if cfg.grpo.filter_zero_std_groups:
-        tokens_dev, valid_dev = on_devices(batch.tokens_BL, batch.valid_BL)
-        _note(console, ("logprobs", tokens_dev.shape), state,
-              f"log-prob passes (compiling for {tokens_dev.shape[1]} positions…)")
-        old, ref = logprob_passes(engine, state.params, tokens_dev, valid_dev,
-                                  batch.sampler_logp_BR)
-    train_batch = TrainBatch(tokens_dev, valid_dev, engine.to_rows(batch.response_mask_BR),
+        batch = assemble(engine, candidates, groups)
+        analysis = candidates[0].scored.analysis
+        informative = int((group_spread(batch.scores_B, n) > 0).sum())
+        refills = 0
+    train_batch = TrainBatch(tokens_BL, valid_BL, engine.to_rows(batch.response_mask_BR),
                              engine.to_rows(batch.advantages_B, ndim=1), old, ref)
-    _note(console, ("update", tokens_dev.shape), state,
-          f"update (compiling the train step for {tokens_dev.shape[1]} positions…)")
-    params, opt_state, device_metrics = update(engine, state, train_batch)
+    params, opt_state, device_metrics = update(engine, state, train_batch, console)
 
-    analysis = candidates[0].scored.analysis \
-        if len(candidates) == 1 and groups == all_groups([host], n) \
-        else engine.task.analyze(batch.texts)
     host_metrics = rollout_metrics(batch, n, analysis, engine.task.correct_score)
     host_metrics.update({
         "optim/lr": float(engine.lr_at(state.step)),
         "data/epoch": float(state.loader.epoch), "data/refill_batches": float(refills),
-        "data/informative_groups": float(min(informative, want) / want),
-        **timings})
+        "data/informative_groups": float(min(informative, want) / want), **timings})
     record = StepRecord(step=state.step + 1, started=first.started,
                         device_metrics=device_metrics, host_metrics=host_metrics,
                         generated_tokens=float(batch.lengths_B.sum()),
                         samples=training_samples(batch, engine.task,
-                                                 cfg.trainer.eval_examples_logged))
+                                                 engine.cfg.trainer.eval_examples_logged))
     return dataclasses.replace(state, params=params, opt_state=opt_state,
                                step=state.step + 1), record
 

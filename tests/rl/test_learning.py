@@ -23,17 +23,18 @@ CFG = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidde
 STEPS = 30
 
 
-def toy_run(tmp_path, steps=STEPS):
+def toy_run(tmp_path, steps=STEPS, buckets=(8,), grpo=(), records=None):
     """The engine's pieces wired for the toy task with setup.py's own builders."""
     cfg = config_from_dict({
         "model": {"demo": True},
-        "data": {"prompts_per_step": 8, "max_prompt_length": 8, "prompt_buckets": [8]},
+        "data": {"prompts_per_step": 8, "max_prompt_length": 8, "prompt_buckets": list(buckets),
+                 "shuffle": records is None},
         "rollout": {"n": 8, "max_new_tokens": 3, "use_sampler_logprobs": True},
-        "grpo": {"use_kl_loss": False, "entropy_coeff": 0.0},
+        "grpo": {"use_kl_loss": False, "entropy_coeff": 0.0, **dict(grpo)},
         "optim": {"lr": 3e-2, "weight_decay": 0.0, "b2": 0.99},
         "trainer": {"run_dir": str(tmp_path), "max_steps": steps, "eval_every": 0,
                     "save_every": 1000, "total_epochs": 1}})
-    task = toy_task(toy_records(8 * steps))
+    task = toy_task(records or toy_records(8 * steps))
     mesh = setup.validate(cfg)
     graphdef, params = nnx.split(init_model(CFG, seed=0))
     loader = setup.make_loader(cfg, task.train_records)
@@ -86,3 +87,30 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path, monkeypatch):
     first, final = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"mean reward: first 5 steps {first:.3f}, last 5 steps {final:.3f}")
     assert first < 0.15 and final > first + 0.3, rewards
+
+
+def test_dapo_refills_from_other_prompt_buckets_through_the_loop(tmp_path, monkeypatch):
+    """Dynamic sampling end to end: refill batches padded to other buckets (4 and 8) join one
+    batch (issue 13 §5: this crashed in np.stack)."""
+    # In file order: batches of 8 alternate between 3-token prompts (bucket 4) and 7-token
+    # ones (bucket 8), so every refill comes from the other bucket.
+    records = [{"id": f"toy{i}", "prompt_token_ids": [9 + i % 20] * (3 if i // 8 % 2 == 0 else 7)}
+               for i in range(64)]
+    engine, files, state = toy_run(tmp_path, steps=2, buckets=(4, 8), records=records,
+                                   grpo={"filter_zero_std_groups": True,
+                                         "max_refill_batches": 2})
+    widths = []
+    update = trainer.update
+
+    def update_spy(engine, state, batch, console=None):
+        widths.append(batch.tokens_BL.shape)
+        return update(engine, state, batch, console)
+
+    monkeypatch.setattr(trainer, "update", update_spy)
+    try:
+        state, last = trainer.run_loop(engine, files, state, Console(lambda *_: None))
+    finally:
+        setup.close_run(engine, files)
+    assert state.step == 2
+    # Step 1 began with a bucket-4 batch and was refilled from a bucket-8 one.
+    assert widths[0] == (64, 8 + 3), widths
