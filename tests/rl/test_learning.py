@@ -71,6 +71,11 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path, monkeypatch):
         rewards.append(out["reward/mean"])
         return out
 
+    order = []
+    passes, waited = trainer.logprob_passes, trainer._waited
+    monkeypatch.setattr(trainer, "logprob_passes",
+                        lambda *a, **k: order.append("passes") or passes(*a, **k))
+    monkeypatch.setattr(trainer, "_waited", lambda *a: order.append("wait") or waited(*a))
     monkeypatch.setattr(trainer, "sample", sample_spy)
     monkeypatch.setattr(trainer, "step_metrics", metrics_spy)
     try:
@@ -83,6 +88,8 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path, monkeypatch):
     expected = [("sample", 1)] + [e for n in range(2, STEPS + 1)
                                   for e in (("sample", n), ("metrics", n - 1))]
     assert events == expected + [("metrics", STEPS)]
+    # The reward is awaited only once the log-prob passes are dispatched (they overlap it).
+    assert order == ["passes", "wait"] * STEPS
     assert "toy/starts_with_5" in last and "time/reward_wait" in last
     first, final = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"mean reward: first 5 steps {first:.3f}, last 5 steps {final:.3f}")
