@@ -22,6 +22,7 @@ from jaxzero.errors import JaxzeroError
 from jaxzero.monitor.writer import Console, samples_markdown
 from jaxzero.parallel import distributed
 from jaxzero.parallel.sharding import to_host
+from jaxzero.rl import grpo
 from jaxzero.rl.rollout import (Candidates, HostBatch, all_groups, assemble_batch,
                                 group_spread, rollout_metrics, select_groups, sequences,
                                 training_samples)
@@ -145,6 +146,14 @@ def logprob_passes(engine: Engine, state: TrainState, tokens_BL, valid_BL,
     return old, ref
 
 
+def train_order(engine: Engine, valid_BL: np.ndarray) -> np.ndarray | None:
+    """grpo.seed_dp_ranks (seed-micro-token-mean): the update sees the rows in the seed's
+    order, balanced over its ranks by token count. That needs only the tokens, so it is known
+    before the rewards. None: the batch order."""
+    ranks = engine.cfg.grpo.seed_dp_ranks
+    return None if not ranks else grpo.seed_row_order(valid_BL.sum(-1), ranks)
+
+
 def select(engine: Engine, state: TrainState, first: Candidates, timings: dict,
            console: Console | None = None):
     """DAPO dynamic sampling: refills from further batches until enough groups have rewards
@@ -209,21 +218,30 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
         candidates, groups, informative, refills = select(engine, state, first_scored,
                                                           timings, console)
         batch = assemble(engine, candidates, groups)
-        tokens_BL, valid_BL = on_devices(engine, batch.tokens_BL, batch.valid_BL)
-        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, batch.sampler_logp_BR,
+        rows = batch.take(train_order(engine, batch.valid_BL))
+        tokens_BL, valid_BL = on_devices(engine, rows.tokens_BL, rows.valid_BL)
+        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, rows.sampler_logp_BR,
                                   console)
         analysis = engine.task.analyze(batch.texts)  # of the rows kept, from any batch
     else:
         groups = all_groups([host], n)
-        tokens_BL, valid_BL = on_devices(engine, *sequences([host], groups, n, engine.pad_id))
-        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, host.logprobs, console)
+        tokens_BL, valid_BL = sequences([host], groups, n, engine.pad_id)
+        order = train_order(engine, valid_BL)
+        logp_BR = host.logprobs
+        if order is not None:
+            tokens_BL, valid_BL, logp_BR = tokens_BL[order], valid_BL[order], logp_BR[order]
+        tokens_BL, valid_BL = on_devices(engine, tokens_BL, valid_BL)
+        old, ref = logprob_passes(engine, state, tokens_BL, valid_BL, logp_BR, console)
         candidates = [Candidates(host, first.records, _waited(pending, timings))]
         batch = assemble(engine, candidates, groups)
+        rows = batch.take(order)
         analysis = candidates[0].scored.analysis
         informative = int((group_spread(batch.scores_B, n) > 0).sum())
         refills = 0
-    train_batch = TrainBatch(tokens_BL, valid_BL, engine.to_rows(batch.response_mask_BR),
-                             engine.to_rows(batch.advantages_B, ndim=1), old, ref)
+    # `rows` is what the update sees (maybe reordered); `batch` keeps the groups contiguous
+    # for the metrics and samples.
+    train_batch = TrainBatch(tokens_BL, valid_BL, engine.to_rows(rows.response_mask_BR),
+                             engine.to_rows(rows.advantages_B, ndim=1), old, ref)
     params, opt_state, device_metrics = update(engine, state, train_batch, console)
 
     host_metrics = rollout_metrics(batch, n, analysis, engine.task.correct_score)
@@ -358,7 +376,10 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
             state, pending = train_on(engine, state, rollouts, console)
         except StopIteration:
             break
-        due_eval = cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0
+        # trainer.seed_step_count: the seed validates once more after its last update.
+        due_eval = cfg.trainer.eval_every and (
+            state.step % cfg.trainer.eval_every == 0
+            or (cfg.trainer.seed_step_count and state.step == total and not stop.received))
         due_save = state.step % cfg.trainer.save_every == 0
         if due_eval or due_save or stop.received or state.step == total:
             last = report(pending, time.perf_counter(), with_eval=bool(due_eval))

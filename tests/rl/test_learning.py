@@ -6,6 +6,7 @@ three positions right. A random 32-token policy scores about 0.03 at the start.
 """
 
 import jax
+import numpy as np
 from flax import nnx
 
 from helpers import toy_records, toy_task
@@ -14,7 +15,7 @@ from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.qwen2 import init_model
 from jaxzero.monitor.writer import Console, MetricsWriter
-from jaxzero.rl import setup, trainer
+from jaxzero.rl import grpo, setup, trainer
 from jaxzero.rl.rollout import RewardWorker
 from jaxzero.rl.train_step import build_step_functions, init_opt_state
 
@@ -121,3 +122,27 @@ def test_dapo_refills_from_other_prompt_buckets_through_the_loop(tmp_path, monke
     assert state.step == 2
     # Step 1 began with a bucket-4 batch and was refilled from a bucket-8 one.
     assert widths[0] == (64, 8 + 3), widths
+
+
+def test_the_update_sees_the_rows_in_the_seeds_order(tmp_path, monkeypatch):
+    """seed-micro-token-mean: the update's rows are the assembled batch's in the seed's
+    Karmarkar-Karp order (known from the tokens alone, before the rewards)."""
+    engine, files, state = toy_run(tmp_path, steps=1, grpo={
+        "loss_agg": "seed-micro-token-mean", "seed_micro_batch_rows": 8, "seed_dp_ranks": 2})
+    seen = {}
+    assemble, update = trainer.assemble, trainer.update
+    monkeypatch.setattr(trainer, "assemble",
+                        lambda *a: seen.setdefault("batch", assemble(*a)))
+    monkeypatch.setattr(trainer, "update", lambda engine, state, batch, console=None:
+                        seen.setdefault("train", batch) and update(engine, state, batch, console))
+    try:
+        trainer.run_loop(engine, files, state, Console(lambda *_: None))
+    finally:
+        setup.close_run(engine, files)
+    host, train = seen["batch"], jax.device_get(seen["train"])
+    order = grpo.seed_row_order(host.valid_BL.sum(-1), 2)
+    assert sorted(order) == list(range(64)) and list(order) != list(range(64))
+    np.testing.assert_array_equal(train.tokens_BL, host.tokens_BL[order])
+    np.testing.assert_array_equal(train.valid_BL, host.valid_BL[order])
+    np.testing.assert_array_equal(train.advantages_B, host.advantages_B[order])
+    np.testing.assert_array_equal(train.old_logp_BR, host.sampler_logp_BR[order])
