@@ -20,9 +20,11 @@ def reward_kwargs(reward_cfg) -> dict:
                 threshold=r.threshold, matcher=r.matcher)
 
 
-def load_records(cfg, run_dir: Path, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(train, test) records, each with prompt_token_ids; the demo prepares its packaged
-    cases into run_dir/data first (on the main process, the others wait)."""
+def load_records(cfg, run_dir: Path, tokenizer
+                 ) -> tuple[list[dict], list[dict], dict[str, Path | None]]:
+    """(train, test) records, each with prompt_token_ids, and the files they came from; the
+    demo prepares its packaged cases into run_dir/data first (on the main process, the
+    others wait)."""
     train_file, test_file = cfg.data.train_file, cfg.data.test_file
     if train_file is None:  # the demo (config validation guarantees it)
         from jaxzero.diagnosis.demo_data import demo_cases_path
@@ -36,7 +38,7 @@ def load_records(cfg, run_dir: Path, tokenizer) -> tuple[list[dict], list[dict]]
     train = with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
     test = with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
         if test_file else []
-    return train, test
+    return train, test, {"train": Path(train_file), "test": Path(test_file) if test_file else None}
 
 
 def with_token_ids(path, tokenizer, max_len):
@@ -77,7 +79,7 @@ def analyze(texts) -> dict[str, float]:
 
 def make_task(cfg, run_dir: Path, tokenizer) -> Task:
     """The diagnosis task of a run config: a TaskFactory for the trainer."""
-    train, test = load_records(cfg, Path(run_dir), tokenizer)
+    train, test, sources = load_records(cfg, Path(run_dir), tokenizer)
     kwargs = reward_kwargs(cfg.reward)
     shown = cfg.trainer.eval_examples_logged
 
@@ -98,4 +100,4 @@ def make_task(cfg, run_dir: Path, tokenizer) -> Task:
     return Task(name="diagnosis", train_records=train, test_records=test, decode=decode,
                 reward=score, target=lambda r: r["labels"], prompt_text=lambda r: r["prompt"],
                 analyze=analyze, evaluate=evaluate, correct_score=cfg.reward.score,
-                warmup=_warmup(cfg, train, tokenizer))
+                warmup=_warmup(cfg, train, tokenizer), sources=sources)

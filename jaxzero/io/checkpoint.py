@@ -6,11 +6,22 @@ Layout: `<directory>/<step>/arrays` (an orbax PyTree item) and `<directory>/<ste
 half-way leaves only a temporary directory that step listings and restores ignore (and the
 next save of that step replaces). Every process calls every method; orbax's own barriers
 decide which process writes what.
+
+Failures are one line each: a step whose files are torn or truncated raises
+`DamagedCheckpointError` naming it, and a save that runs out of disk (or hits any other OS
+error) raises `CheckpointError` naming the path, the errno and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import errno as errno_lib
 import json
+import logging
+import os
+import re
+import shutil
+import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +33,95 @@ from jaxzero.errors import CheckpointError
 
 _ARRAYS, _META = "arrays", "meta"
 _MAX_LISTED = 8   # mismatches named in one error message
+_MAX_REASON = 300  # characters of a low-level error quoted in a one-line message
+# JSON files of a committed step that orbax parses on every restore.
+_JSON_FILES = (f"{_META}/metadata", f"{_ARRAYS}/_METADATA")
+_SET_ASIDE = ".damaged"   # suffix of a damaged step moved out of the step listing
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A committed checkpoint step whose files cannot be read back (torn, truncated, missing).
+
+    Unlike a checkpoint of another shape or architecture, an older step may still restore.
+    """
+
+    def __init__(self, checkpoint: Path, reason: str):
+        super().__init__(f"checkpoint {checkpoint} cannot be read: {reason}")
+        self.checkpoint, self.reason = checkpoint, reason
+
+
+class _DropRethrownThreadErrors(logging.Filter):
+    """Orbax logs every failing background thread's traceback and then re-raises the same
+    exception to the caller, which reports it once; a full disk printed 50 tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+if not any(isinstance(f, _DropRethrownThreadErrors) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_DropRethrownThreadErrors())
+
+
+def _is_late_write_callback(unraisable) -> bool:
+    """tensorstore's completion callback of a write still in flight when a failed save closed
+    orbax's event loop: harmless (its save already failed), printed once per array."""
+    if not isinstance(unraisable.exc_value, RuntimeError) or \
+            str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_late_write_callbacks() -> None:
+    """Drops `_is_late_write_callback` reports from here on; everything else still reaches
+    the previous hook. Installed before each save: the reports can arrive before the failed
+    save raises, or long after."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxzero_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _is_late_write_callback(unraisable):
+            previous(unraisable)
+
+    hook._jaxzero_quiet = True
+    sys.unraisablehook = hook
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The root of an exception chain: tensorstore's own message, not orbax's wrappers."""
+    seen = {id(err)}
+    while (nxt := err.__cause__ or err.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        err = nxt
+    return err
+
+
+def _reason(err: BaseException) -> str:
+    """One short line saying why a read or write failed."""
+    root = _innermost(err)
+    text = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    text = text.split(" [tensorstore_spec=")[0]
+    if isinstance(root, KeyError):
+        text = text.strip("'\"")
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
+
+
+def _os_error(err: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) when an OS error caused `err`: a Python OSError, or tensorstore's
+    message, which carries the errno as `os_error_code` and quotes the file it wrote."""
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno, e.filename
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            path = re.search(r'Failed writing: "([^"]+)"', str(e)) or \
+                re.search(r'local file "([^"]+)"', str(e))
+            return int(code.group(1)), path.group(1) if path else None
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _leaf_name(path) -> str:
@@ -79,6 +179,7 @@ class CheckpointStore:
             create=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               handler_registry=registry)
+        self._pending: tuple[int, int | None] | None = None  # an async save's (step, before)
 
     # ---- steps ----
 
@@ -106,31 +207,93 @@ class CheckpointStore:
         """Saves `arrays` (a pytree of jax arrays) and the JSON dict `meta` as `step`.
 
         Returns False, saving nothing, when `step` is not after the latest saved step,
-        unless `force`; forcing a step that exists is an error.
+        unless `force`; forcing a step that exists is an error. A save that fails on an OS
+        error (a full disk) raises one `CheckpointError` and leaves earlier steps intact.
         """
         _json_roundtrip_check(meta)
         args = ocp.args.Composite(**{_ARRAYS: ocp.args.PyTreeSave(arrays),
                                      _META: ocp.args.JsonSave(dict(meta))})
+        before = self.latest_step()
+        _quiet_late_write_callbacks()
         try:
-            return bool(self._manager.save(step, args=args, force=force))
+            saved = bool(self._manager.save(step, args=args, force=force))
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise CheckpointError(f"checkpoint step {step} already exists in "
                                   f"{self.directory}") from e
+        except Exception as e:
+            failure = self._save_failed(step, before, e)
+            if failure is None:
+                raise
+            raise failure from e
+        if saved:
+            self._pending = (step, before)
+        return saved
+
+    def _save_failed(self, step: int, before: int | None,
+                     err: Exception) -> CheckpointError | None:
+        """A one-line CheckpointError for a save that an OS error stopped; None for any other
+        error (a bug, which keeps its traceback)."""
+        found = _os_error(err)
+        if found is None:
+            return None
+        code, path = found
+        # The step's own half-written files only hold disk space; a rerun would replace them.
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        last = (f"the last good checkpoint is {self.directory / str(before)}"
+                if before is not None else "no earlier checkpoint was saved")
+        return CheckpointError(
+            f"saving checkpoint step {step} failed: {os.strerror(code)} "
+            f"(errno {code}, {errno_lib.errorcode.get(code, '?')}) writing "
+            f"{path or self.directory}; {last}")
 
     def wait(self) -> None:
         """Blocks until every started save is committed."""
-        self._manager.wait_until_finished()
+        pending, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            failure = None if pending is None else self._save_failed(*pending, e)
+            if failure is None:
+                raise
+            raise failure from e
 
     def close(self) -> None:
         self._manager.close()
+
+    def delete(self, step: int) -> None:
+        """Deletes the committed `step`."""
+        self._manager.delete(self._resolve(step))
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the damaged `step` out of the step listing (to `<step>.damaged`), so a
+        resumed run can save that step again; returns where it went."""
+        step = self._resolve(step)
+        target = self.directory / f"{step}{_SET_ASIDE}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}{_SET_ASIDE}-{n}"
+        if jax.process_index() == 0:
+            os.rename(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+        self._manager.reload()
+        return target
 
     # ---- restore ----
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON dict of `step` (default: latest), without reading any array."""
         step = self._resolve(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        self._check_json(step, (f"{_META}/metadata",))
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise self._damaged(step, _reason(e)) from e
         return restored[_META]
 
     def restore(self, step: int | None = None, *, abstract_arrays,
@@ -140,16 +303,21 @@ class CheckpointStore:
         `abstract_arrays` is a pytree of `jax.ShapeDtypeStruct` with shardings; each process
         reads only its addressable shards straight onto them. Its top-level keys may be a
         subset of the saved ones (e.g. only "params"); within each, names and shapes must
-        match the checkpoint exactly, and dtypes too unless `cast` converts them.
+        match the checkpoint exactly, and dtypes too unless `cast` converts them. A step
+        whose files cannot be read raises `DamagedCheckpointError`.
         """
         step = self._resolve(step)
         for name, leaf in _flat(abstract_arrays).items():
             if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
                 raise TypeError(f"abstract_arrays leaf {name} must be a jax.ShapeDtypeStruct "
                                 f"with a sharding, got {leaf!r}")
-        stored = self._manager.item_metadata(step)[_ARRAYS]
+        self._check_json(step, _JSON_FILES)
+        try:
+            stored = self._manager.item_metadata(step)[_ARRAYS]
+        except Exception as e:
+            raise self._damaged(step, _reason(e)) from e
         if stored is None:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no arrays")
+            raise self._damaged(step, f"it has no {_ARRAYS}")
         stored_tree = stored.tree
         self._check_matches(step, stored_tree, abstract_arrays, cast=cast)
         partial = set(abstract_arrays) != set(stored_tree)
@@ -157,9 +325,49 @@ class CheckpointStore:
             item=abstract_arrays,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_arrays),
             partial_restore=partial)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_ARRAYS: args, _META: ocp.args.JsonRestore()}))
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_ARRAYS: args, _META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            # Names and shapes matched above, so what fails here is reading the files.
+            raise self._damaged(step, _reason(e)) from e
         return restored[_ARRAYS], restored[_META]
+
+    def restore_newest(self, *, abstract_arrays, cast: bool = False
+                       ) -> tuple[int, Any, dict[str, Any], list[tuple[int, str]]]:
+        """`(step, arrays, meta, skipped)` of the newest step that restores.
+
+        `skipped` lists the newer steps that are damaged, with the reason, newest first. A
+        checkpoint that does not match `abstract_arrays` still raises: older steps of the
+        same run would not match either.
+        """
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                arrays, meta = self.restore(step, abstract_arrays=abstract_arrays, cast=cast)
+            except DamagedCheckpointError as e:
+                skipped.append((step, e.reason))
+                continue
+            return step, arrays, meta, skipped
+        if not skipped:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+            f"step {step}: {why}" for step, why in skipped))
+
+    def _check_json(self, step: int, names) -> None:
+        """A torn JSON file named as such: orbax's own error names neither file nor step."""
+        for name in names:
+            path = self.directory / str(step) / name
+            try:
+                json.loads(path.read_text())
+            except FileNotFoundError:
+                raise self._damaged(step, f"{name} is missing") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise self._damaged(step, f"{name} is not valid JSON (a torn write?): "
+                                          f"{e}") from None
+
+    def _damaged(self, step: int, reason: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(self.directory / str(step), reason)
 
     def _check_matches(self, step: int, stored_tree, abstract_arrays, *, cast: bool) -> None:
         where = f"checkpoint step {step} in {self.directory}"

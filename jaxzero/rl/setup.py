@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,9 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxzero.config import schema as config_lib
-from jaxzero.config import files as config_yaml
 from jaxzero.parallel import distributed
 from jaxzero.rl import grpo
+from jaxzero.rl import run_dir as run_dir_lib
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
@@ -88,6 +87,7 @@ class RunFiles:
     writer: MetricsWriter
     store: CheckpointStore
     total_steps: int
+    claim: run_dir_lib.RunDir  # the run directory, locked until close_run
 
     @property
     def tb_dir(self) -> Path:
@@ -107,36 +107,6 @@ class RunFiles:
                   dtype=self.cfg.model.param_dtype, tokenizer_src=self.run_dir / "tokenizer")
         if distributed.is_main_process():
             log(f"exported HF model to {out_dir}")
-
-
-# Keys a resumed run may change: how long it runs and how it logs, evaluates and saves.
-# Everything else (model, data, optimiser, loss) must match the run being resumed.
-RESUMABLE_KEYS = frozenset({
-    "trainer.max_steps", "trainer.total_epochs", "trainer.eval_every", "trainer.save_every",
-    "trainer.keep_checkpoints", "trainer.log_every", "trainer.eval_examples_logged",
-    "trainer.export_hf", "data.eval_max_prompts",
-})
-
-
-def _prepare_run_dir(cfg, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        if overwrite:
-            if distributed.is_main_process():
-                shutil.rmtree(run_dir)
-        else:
-            diff = [k for k in config_lib.diff_configs(config_yaml.load_config(saved), cfg)
-                    if k not in RESUMABLE_KEYS]
-            if diff:
-                raise ConfigError(
-                    f"{run_dir} holds a run with a different config (differs in: "
-                    f"{', '.join(diff[:8])}); pass --overwrite to start afresh there, or "
-                    "choose another trainer.run_dir")
-    elif resume:
-        raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
-    if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_yaml.save_config(cfg, saved)
 
 
 def sync_processes(name: str) -> None:
@@ -210,8 +180,8 @@ def build_sampler(cfg, graphdef, model_config: Qwen2Config, mesh: Mesh, *,
                    max_prompts_per_call=per_call)
 
 
-def _resumed(store, latest, abstract_arrays, model_config, loader, log):
-    arrays, meta = _restore(store, latest, abstract_arrays)
+def _resumed(store, abstract_arrays, model_config, loader, log):
+    latest, arrays, meta = _restore_newest(store, abstract_arrays, log)
     _check_model_config(meta, model_config, store.directory)
     loader.set_state(meta["data_state"])
     log(f"resuming from {store.directory}/{latest} (step {int(meta['step'])})")
@@ -228,9 +198,21 @@ def _fresh(cfg, task: Task, graphdef, model_config, options, abstract, fns, opti
 
 def setup_run(cfg, make_task: TaskFactory, *, resume: bool, overwrite: bool, log=print
               ) -> tuple[Engine, RunFiles, TrainState]:
-    run_dir = Path(cfg.trainer.run_dir)
+    """The run's three pieces. The run directory is claimed (locked) first and released if
+    setup fails; its identity (config.yaml, run.json) is written only once setup succeeded."""
     mesh = validate(cfg)
-    _prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
+    claim = run_dir_lib.open_run_dir(cfg, resume=resume, overwrite=overwrite,
+                                     main=distributed.is_main_process())
+    try:
+        return _build_run(cfg, make_task, claim, mesh, resume=resume, log=log)
+    except BaseException:
+        claim.close()
+        raise
+
+
+def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mesh, *,
+               resume: bool, log) -> tuple[Engine, RunFiles, TrainState]:
+    run_dir = claim.path
     sync_processes("run dir")
     identity = _model_and_tokenizer(cfg, run_dir)
     model_config, tokenizer = identity.config, identity.tokenizer
@@ -238,6 +220,10 @@ def setup_run(cfg, make_task: TaskFactory, *, resume: bool, overwrite: bool, log
         from jaxzero.io.identity import write_model_config
         write_model_config(run_dir, model_config, cfg.model.param_dtype)
     task = make_task(cfg, run_dir, tokenizer)
+    data_fingerprint = claim.check_data(task.sources)
+    for name, records in (("train", task.train_records), ("test", task.test_records)):
+        if task.sources.get(name) is not None:
+            run_dir_lib.check_token_ids(records, task.sources[name], model_config.vocab_size)
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
@@ -261,8 +247,8 @@ def setup_run(cfg, make_task: TaskFactory, *, resume: bool, overwrite: bool, log
         "opt_state": _abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings),
     }
     if latest is not None:
-        params, opt_state, start_step = _resumed(store, latest, abstract_arrays, model_config,
-                                                 loader, log)
+        params, opt_state, start_step = _resumed(store, abstract_arrays, model_config, loader,
+                                                 log)
     else:
         params, opt_state = _fresh(cfg, task, graphdef, model_config, options, abstract, fns,
                                    optimizer, mesh, log)
@@ -277,12 +263,14 @@ def setup_run(cfg, make_task: TaskFactory, *, resume: bool, overwrite: bool, log
     writer = MetricsWriter(run_dir / "tb")
     if start_step == 0:
         writer.hparams(config_lib.flatten(cfg))
+    if distributed.is_main_process():
+        claim.commit(cfg, data_fingerprint)  # the run's identity, once setup has succeeded
     engine = Engine(cfg=cfg, mesh=mesh, fns=fns, sampler=sampler, task=task,
                     reward_worker=RewardWorker(task), ref_params=ref_params,
                     base_key=jax.random.key(cfg.trainer.seed), pad_id=pad_id,
                     lr_at=lambda s: float(schedule(s)))
     files = RunFiles(cfg=cfg, run_dir=run_dir, model_config=model_config, writer=writer,
-                     store=store, total_steps=steps)
+                     store=store, total_steps=steps, claim=claim)
     return engine, files, TrainState(params, opt_state, loader, start_step)
 
 
@@ -291,6 +279,7 @@ def close_run(engine: Engine, files: RunFiles) -> None:
     files.store.close()
     engine.reward_worker.close()
     files.writer.close()
+    files.claim.close()
 
 
 def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool = False
@@ -317,6 +306,17 @@ def _restore(store: CheckpointStore, step, abstract_tree):
     """Restores a tree saved through `_pure` back into `abstract_tree`'s structure."""
     arrays, meta = store.restore(step, abstract_arrays=_pure(abstract_tree))
     return jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays)), meta
+
+
+def _restore_newest(store: CheckpointStore, abstract_tree, log):
+    """The newest checkpoint that restores, as `_restore`; damaged newer steps are set aside
+    (so this run can save those steps again) and named."""
+    step, arrays, meta, skipped = store.restore_newest(abstract_arrays=_pure(abstract_tree))
+    for bad, why in skipped:
+        moved = store.set_aside(bad)
+        log(f"skipped checkpoint {store.directory / str(bad)}: {why}; moved it to {moved}")
+    arrays = jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays))
+    return step, arrays, meta
 
 
 def _abstract_on(tree, shardings):
@@ -358,6 +358,10 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
     if initial_params is not None:
         ref = to_compute(initial_params)  # a new buffer: the params get donated, it must not
         if cfg.model.demo:
+            # A reference saved by an earlier start of this run that died before its first
+            # checkpoint: replaced, since this start's initial parameters are the ones trained.
+            for stale in ref_store.all_steps():
+                ref_store.delete(stale)
             ref_store.save(0, _pure({"params": ref}), {"model_config": model_config.to_dict()},
                            force=True)
             ref_store.wait()

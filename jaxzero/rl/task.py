@@ -11,7 +11,7 @@ learner: the diagnosis task (jaxzero/diagnosis/task.py) is one, the toy task of 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Task:
     correct_score: the score at or above which a completion counts as right (reward/accuracy).
     warmup:   None, or (graphdef, params, mesh, log) -> params, run once before a fresh run's
               first step (the demo's format warm-up).
+    sources:  {"train": file, "test": file or None}, the files the records came from: the run
+              directory fingerprints them (a resume on other data is refused) and names them
+              in data errors; empty for a task whose records are made in memory.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Task:
     evaluate: Callable[[Generate, Any, Sequence[Record]], Evaluation]
     correct_score: float
     warmup: Callable[..., Any] | None = None
+    sources: Mapping[str, Path | None] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "train_records", tuple(self.train_records))
