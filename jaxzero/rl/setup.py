@@ -87,7 +87,8 @@ class RunFiles:
     writer: MetricsWriter
     store: CheckpointStore
     total_steps: int
-    claim: run_dir_lib.RunDir  # the run directory, locked until close_run
+    # The run directory, locked until close_run; None for a run wired by hand (tests).
+    claim: run_dir_lib.RunDir | None = None
 
     @property
     def tb_dir(self) -> Path:
@@ -279,7 +280,8 @@ def close_run(engine: Engine, files: RunFiles) -> None:
     files.store.close()
     engine.reward_worker.close()
     files.writer.close()
-    files.claim.close()
+    if files.claim is not None:
+        files.claim.close()
 
 
 def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool = False

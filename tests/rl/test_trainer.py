@@ -106,12 +106,13 @@ def test_tensorboard_has_scalars_text_and_hparams(full_run):
     assert "reward" in panel and "labels" in panel
 
 
-def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path):
+def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path, tmp_path_factory):
     """`jaxzero train configs/demo.yaml` as a user runs it, on 1 device: same metrics as the
     8-device run within float tolerance; the checkpoint restores; the HF export loads."""
     full_dir, _ = full_run
+    log_json = tmp_path_factory.mktemp("log") / "log.jsonl"  # beside the run dir, not in it
     proc = _cli(tmp_path, "trainer.max_steps=2", f"trainer.export_hf={tmp_path / 'hf'}",
-                "--log-json", str(tmp_path / "log.jsonl"), devices=1)
+                "--log-json", str(log_json), devices=1)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "TensorBoard" in out and str(tmp_path / "hf") in out
@@ -124,7 +125,7 @@ def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "eval_accuracy.png", "kl.png", "response_length.png", "reward.png"]
     # One JSON object per step (the step-0 eval first), valid JSON: no bare NaN.
-    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in log_json.read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
     assert "reward/mean" in records[1] and "losses/kl" in records[1]
