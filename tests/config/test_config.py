@@ -248,8 +248,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert "top level must be a mapping" in _error(load_config, _write(tmp_path, "- a\n- b\n"))
     assert "top level must be a mapping" in _error(load_config, _write(tmp_path, ""))
     assert "not valid YAML" in _error(load_config, _write(tmp_path, "model: [\n"))
-    msg = _error(load_config, _write(tmp_path, "model: {path: a}\nmodel: {path: b}\n"))
-    assert "duplicate key 'model' at line 2" in msg
+    path = _write(tmp_path, "model: {path: a}\nmodel: {path: b}\n")
+    assert _error(load_config, path).startswith(f"{path}: duplicate key 'model' at line 2")
 
 
 def test_base_inheritance(tmp_path):
