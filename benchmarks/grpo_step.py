@@ -148,7 +148,7 @@ def run_jaxzero(args, dtype: str) -> dict:
     from jaxzero.rl import grpo
     from jaxzero.diagnosis import reward
     from jaxzero.model.qwen2 import ModelOptions, init_model
-    from jaxzero.rl.rollout import advantages, response_mask
+    from jaxzero.rl.rollout import response_mask
     from jaxzero.model.sampler import Sampler
     from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
     from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
@@ -194,14 +194,15 @@ def run_jaxzero(args, dtype: str) -> dict:
         texts = tokenizer.batch_decode([row[:n].tolist() for row, n in
                                         zip(host.tokens, host.lengths)], skip_special_tokens=True)
         scores_B = reward.score_batch(texts, labels_B)
-        adv_B = advantages(scores_B, args.n, eps=1e-6, scale_by_std=True)
+        adv_B = np.asarray(grpo.group_advantages(scores_B, args.n, eps=1e-6, scale_by_std=True),
+                           np.float32)
         mask_BR = response_mask(host.mask, ~host.stopped, mask_truncated=False)
-        tokens_BL = np.concatenate([host.prompt_tokens, host.tokens], axis=1)
-        valid_BL = np.concatenate([host.prompt_mask, host.mask], axis=1)
+        tokens_BT = np.concatenate([host.prompt_tokens, host.tokens], axis=1)
+        valid_BT = np.concatenate([host.prompt_mask, host.mask], axis=1)
         times["reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tokens_dev, valid_dev = rows(tokens_BL), rows(valid_BL)
+        tokens_dev, valid_dev = rows(tokens_BT), rows(valid_BT)
         ref_logp = fns.logprobs(ref_params, tokens_dev, valid_dev).block_until_ready()
         times["reference"] = time.perf_counter() - t
 

@@ -228,3 +228,38 @@ def judge_server():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ---------------------------------------------------------------- the toy task (the seam's second task)
+
+TOY_TARGET = (5, 6, 7)
+
+
+def toy_task(records, *, evaluate=None):
+    """A Task whose right answer, after any prompt, is the tokens 5, 6, 7: the reward is the
+    fraction of those three positions right. Texts are the token ids written out."""
+    from jaxzero.rl.task import Evaluation, Task
+
+    def reward(texts, targets):
+        def score(text, target):
+            ids = [int(t) for t in text.split()]
+            return sum(a == b for a, b in zip(ids, target)) / len(target)
+        return np.array([score(t, tg) for t, tg in zip(texts, targets)], np.float32)
+
+    def analyze(texts):
+        return {"toy/starts_with_5": float(np.mean([t.split()[:1] == ["5"] for t in texts]))}
+
+    return Task(name="toy", train_records=records, test_records=records[:4],
+                decode=lambda ids: [" ".join(map(str, row)) for row in ids],
+                reward=reward, target=lambda r: TOY_TARGET,
+                prompt_text=lambda r: " ".join(map(str, r["prompt_token_ids"])),
+                analyze=analyze,
+                evaluate=evaluate or (lambda generate, params, recs: Evaluation({}, 0, ())),
+                correct_score=1.0)
+
+
+def toy_records(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"id": f"toy{i}", "prompt_token_ids": [int(t) for t in
+                                                  rng.integers(8, 30, rng.integers(3, 8))]}
+            for i in range(count)]

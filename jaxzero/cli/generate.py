@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from jaxzero.errors import JaxzeroError
@@ -57,10 +58,18 @@ def run(args) -> None:
         token_ids = tokens[row, : lengths[row]].tolist()
         text = model.tokenizer.decode(token_ids, skip_special_tokens=True)
         if args.json:
-            print(json.dumps({"prompt_index": p, "sample_index": s, "text": text,
-                              "token_ids": token_ids,
-                              "logprobs": [round(float(x), 6) for x in
-                                           logprobs[row, : lengths[row]]],
-                              "finish_reason": reasons[row]}, ensure_ascii=False))
+            print(json_record(p, s, text, token_ids, logprobs[row, : lengths[row]],
+                              reasons[row]))
         else:
             print(f"=== prompt {p} sample {s} ({reasons[row]}, {lengths[row]} tokens)\n{text}")
+
+
+def json_record(prompt_index: int, sample_index: int, text: str, token_ids: list[int],
+                logprobs, finish_reason: str) -> str:
+    """One completion as a JSON line; a non-finite log-prob (a model that emits NaN) is null,
+    since JSON has no NaN."""
+    return json.dumps({"prompt_index": prompt_index, "sample_index": sample_index,
+                       "text": text, "token_ids": token_ids,
+                       "logprobs": [round(float(x), 6) if math.isfinite(x) else None
+                                    for x in logprobs],
+                       "finish_reason": finish_reason}, ensure_ascii=False, allow_nan=False)

@@ -39,6 +39,8 @@ def _parse_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except ConfigError as err:  # the loader's own refusals (a duplicate key) name no file
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _read_layers(path: Path, seen: tuple[Path, ...]) -> dict:

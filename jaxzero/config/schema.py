@@ -111,30 +111,13 @@ class MeshConfig(_Section):
     def _sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
-    def resolve(self, device_count: int) -> tuple[int, int, int]:
-        """(data, fsdp, tensor) sizes that multiply to `device_count`, the -1 axis filled in."""
-        sizes = self._sizes()
-        fixed = math.prod(v for v in sizes.values() if v != -1)
-        wild = [k for k, v in sizes.items() if v == -1]
-        if wild and device_count % fixed == 0:
-            sizes[wild[0]] = device_count // fixed
-        elif wild:
-            raise ConfigError(
-                f"mesh {_asked(sizes)}: the fixed axes take {fixed} devices, which does not "
-                f"divide the {device_count} devices that exist (jax.device_count())")
-        elif fixed != device_count:
-            raise ConfigError(
-                f"mesh {_asked(sizes)} = {fixed} devices, but {device_count} devices exist "
-                "(jax.device_count()); use fsdp=-1 to take the remaining devices")
-        return sizes["data"], sizes["fsdp"], sizes["tensor"]
-
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
     train_file: str | None = None  # prepared JSONL; None only for the demo (it prepares its own)
     test_file: str | None = None
-    prompts_per_step: int = 8      # per process; the global batch is this × process count
+    prompts_per_step: int = 8      # the global batch (all processes); each reads its share
     max_prompt_length: int = 1024
     shuffle: bool = True
     seed: int = 0
@@ -163,7 +146,10 @@ class RolloutConfig(_Section):
     top_k: int = 0                 # 0: off
     max_new_tokens: int = 1024
     use_sampler_logprobs: bool = False  # old log-probs from the sampler, not a recompute
-    micro_batch: int | None = None      # sequences per sampler call; None: the whole batch
+    # Sequences (prompts × n) per sampler call, a multiple of n: the sampler takes
+    # micro_batch / n whole prompts at a time. None: the whole batch in one call.
+    micro_batch: int | None = None
+    cache_dtype: Dtype | None = None    # the sampler's KV cache dtype; None: the compute dtype
 
     def _validate(self) -> None:
         self._require(self.n >= 2, "n", "must be at least 2 (GRPO compares responses in a group)")
@@ -176,6 +162,9 @@ class RolloutConfig(_Section):
         self._require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]; 1 is off")
         self._at_least(0, "top_k")
         self._at_least(1, "max_new_tokens", "micro_batch")
+        self._require(self.micro_batch is None or self.micro_batch % self.n == 0, "micro_batch",
+                      f"counts sequences and must be a multiple of rollout.n ({self.n}): the "
+                      "sampler takes whole prompts with their n rollouts")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
+from jaxzero.io.jsonl import complete_lines
 from jaxzero.errors import DataError
-
-log = logging.getLogger(__name__)
 
 GENERATIONS_DIR = "generations"
 
@@ -43,14 +41,7 @@ class GenerationStore:
             self._load()
 
     def _load(self):
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a torn last line (%d bytes)", self.path, len(data) - cut)
-            data = data[:cut]
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-        for lineno, line in enumerate(data.split(b"\n")[:-1], 1):
+        for lineno, line in complete_lines(self.path, "kept generations"):
             try:
                 row = json.loads(line.decode("utf-8"))
                 self._kept[(row["id"], row["prompt"])] = (row["response"], int(row["length"]))

@@ -37,6 +37,7 @@ from typing import Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
+from jaxzero.io.jsonl import complete_lines
 from jaxzero.errors import DataError, JaxzeroError
 from jaxzero.diagnosis.protocols import JudgeItem, JudgeProtocol, Verdict, jaxzero_protocol
 from jaxzero.diagnosis.reward import compute_score, extract_answer, similarity
@@ -67,15 +68,7 @@ class JudgeCache:
             self._load()
 
     def _load(self):
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            log.warning("judge cache %s: dropping a torn last line (%d bytes)", self.path,
-                        len(data) - cut)
-            data = data[:cut]
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-        for lineno, line in enumerate(data.split(b"\n")[:-1], 1):
+        for lineno, line in complete_lines(self.path, "judge cache"):
             try:
                 record = json.loads(line.decode("utf-8"))
                 self._replies[record["key"]] = record["reply"]

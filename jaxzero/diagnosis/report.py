@@ -46,7 +46,7 @@ from jaxzero.diagnosis.judge import Judge
 from jaxzero.diagnosis.protocols import Verdict
 from jaxzero.diagnosis.rarearena import build_prompt_text
 from jaxzero.diagnosis.analysis import ResponseAnalysis, analyze_response
-from jaxzero.diagnosis.reward import MODES, answer_spans, compute_score
+from jaxzero.diagnosis.reward import answer_block, compute_score
 
 REPORT_VERSION = 2
 
@@ -62,22 +62,6 @@ _RANK_PREFIX = re.compile(r"^(?:\d+\s*[.):]|[-*\u2022])\s*")
 def top5_prompt(case_text: str) -> str:
     """The top-5 user turn for one case."""
     return build_prompt_text(case_text, TOP5_TEMPLATE)
-
-
-def answer_block(response: str, mode: str = "strict") -> str | None:
-    """The answer block the reward reads (same `mode`: strict the first block, flexible the
-    last one that is neither empty nor "."), stripped but as written: `reward.extract_answer`
-    is this lowercased. None without an answer block."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    found = None
-    for start, end in answer_spans(response):
-        content = response[start:end].strip()
-        if mode == "strict":
-            return content
-        if content not in ("", "."):
-            found = content
-    return found
 
 
 def ranked_answers(response: str, top_k: int, mode: str = "strict") -> tuple[str, ...]:

@@ -66,8 +66,8 @@ def answer_spans(text: str) -> Iterator[tuple[int, int]]:
         pos = end + len(CLOSE)
 
 
-def extract_answer(response: str, mode: str = "strict") -> str | None:
-    """The response's diagnosis, stripped and lowercased, or None if it has no answer block.
+def answer_block(response: str, mode: str = "strict") -> str | None:
+    """The response's answer block, stripped but as written, or None if it has none.
 
     strict (DiagnosisZero's default): the first answer block of the response. The seed took the
     third match in prompt + response; its prompt holds two example tags.
@@ -79,10 +79,16 @@ def extract_answer(response: str, mode: str = "strict") -> str | None:
     for start, end in answer_spans(response):
         content = response[start:end].strip()
         if mode == "strict":
-            return content.lower()
+            return content
         if content not in ("", "."):
             found = content
-    return None if found is None else found.lower()
+    return found
+
+
+def extract_answer(response: str, mode: str = "strict") -> str | None:
+    """The diagnosis the reward matches: `answer_block`, lowercased."""
+    block = answer_block(response, mode)
+    return None if block is None else block.lower()
 
 
 def _jaccard(words_a: set[str], words_b: set[str]) -> float:

@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxzero.errors import CheckpointError
+from jaxzero.parallel.trees import path_name
 
 _ARRAYS, _META = "arrays", "meta"
 _MAX_LISTED = 8   # mismatches named in one error message
@@ -124,21 +125,9 @@ def _os_error(err: BaseException) -> tuple[int, str | None] | None:
     return None
 
 
-def _leaf_name(path) -> str:
-    """`params.layers.0.attn.q`: the same dotted name orbax gives the stored array."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def _flat(tree) -> dict[str, Any]:
-    return {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    # `params.layers.0.attn.q`: the same dotted name orbax gives the stored array.
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _json_roundtrip_check(meta: Mapping[str, Any]) -> None:

@@ -27,6 +27,9 @@ from jaxzero.errors import CheckpointError
 from jaxzero.io import staging
 from jaxzero.model.qwen2 import ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel import distributed
+from jaxzero.parallel.sharding import to_host
+from jaxzero.parallel.trees import path_name
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -130,10 +133,6 @@ def pure_params(state_or_model) -> dict:
                     f"{type(state_or_model).__name__}")
 
 
-def _path_name(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
 def _listed(names) -> str:
     names = sorted(names)
     more = len(names) - _MAX_LISTED
@@ -143,9 +142,9 @@ def _listed(names) -> str:
 def _key_problems(want: set[tuple], have: set[tuple]) -> list[str]:
     problems = []
     if want - have:
-        problems.append(f"missing {_listed(map(_path_name, want - have))}")
+        problems.append(f"missing {_listed(map(path_name, want - have))}")
     if have - want:
-        problems.append(f"unexpected {_listed(map(_path_name, have - want))}")
+        problems.append(f"unexpected {_listed(map(path_name, have - want))}")
     return problems
 
 
@@ -402,28 +401,12 @@ def _plan_shards(table: list[TensorMap], itemsize: int, max_shard_bytes: int):
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def _from_main(flag: bool) -> bool:
     """Process 0's value of `flag`, on every process."""
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
-def _to_host(x) -> np.ndarray:
-    """The whole array on this host; every process must call it (it may gather)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def default_generation_config(config: Qwen2Config) -> dict[str, Any]:
@@ -488,7 +471,7 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
     table = tensor_table(config)
     want = {t.path: t for t in table}
     problems = _key_problems(set(want), set(flat))
-    problems += [f"{_path_name(p)} has shape {tuple(flat[p].shape)}, the config says "
+    problems += [f"{path_name(p)} has shape {tuple(flat[p].shape)}, the config says "
                  f"{t.shape}" for p, t in want.items()
                  if p in flat and tuple(flat[p].shape) != t.shape]
     if problems:
@@ -515,7 +498,7 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
         for file_name, tensors in shards:
             writer = _SafetensorsWriter(work / file_name, tensors, st_dtype) if main else None
             for t in tensors:
-                host = _to_host(flat[t.path])
+                host = to_host(flat[t.path])
                 if writer is not None:
                     writer.write(t.hf_name, t.to_hf(host).astype(np_dtype, copy=False))
                 del host
@@ -540,6 +523,6 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
         if tokenizer_src is not None:
             others += copy_tokenizer_files(tokenizer_src, work)
         staging.commit(work, out_dir)
-    _sync("export_hf")
+    distributed.sync("export_hf")
     return ExportSummary(out_dir, tuple(name for name, _ in shards), tuple(others),
                          len(table), total, dtype)

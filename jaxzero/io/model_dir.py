@@ -29,6 +29,8 @@ from jaxzero.io.identity import (CHECKPOINTS, GENERATION_CONFIG, MODEL_CONFIG, T
 from jaxzero.errors import CheckpointError
 from jaxzero.model.qwen2 import ModelOptions, Qwen2ForCausalLM, abstract_model
 from jaxzero.model.config import Qwen2Config
+from jaxzero.parallel import distributed
+from jaxzero.parallel.sharding import abstract_on
 
 CONVERTED_STEP = 0
 
@@ -45,8 +47,7 @@ def _restore_params(source: ModelSource, step: int | None, dtype, shardings):
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nnx.to_pure_dict(state), hf_io.pure_params(shardings))
+    abstract = abstract_on(nnx.to_pure_dict(state), hf_io.pure_params(shardings))
     store = _store(source.path)
     try:
         meta = store.restore_meta(step)
@@ -90,12 +91,6 @@ def load_model(path_or_hub_id: str | Path, *, param_dtype, compute_dtype, shardi
     return nnx.merge(graphdef, state)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def _param_dtype_name(flat: dict) -> str:
     dtypes = {np.dtype(x.dtype).name for x in flat.values()}
     if len(dtypes) != 1:
@@ -127,7 +122,7 @@ def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
         refused = None
     except CheckpointError as e:
         refused = e
-    _sync("save_converted: looked")  # every process looks before process 0 writes
+    distributed.sync("save_converted: looked")  # every process looks before process 0 writes
     if refused is not None:
         raise refused
     params = hf_io.pure_params(model_or_state)
@@ -146,7 +141,7 @@ def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
         if generation_config is not None:
             shutil.copyfile(generation_config, work / GENERATION_CONFIG)
             written.append(GENERATION_CONFIG)
-    _sync("save_converted: small files written")
+    distributed.sync("save_converted: small files written")
     store = CheckpointStore(work / CHECKPOINTS, keep=1)
     try:
         store.save(CONVERTED_STEP, {"params": params},
@@ -156,12 +151,12 @@ def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
     finally:
         store.close()
     written.append(f"{CHECKPOINTS}/{CONVERTED_STEP}")
-    _sync("save_converted: checkpoint written")
+    distributed.sync("save_converted: checkpoint written")
     if jax.process_index() == 0:
         # The identity goes last: a directory with model_config.json is complete.
         write_model_config(work, config, param_dtype)
         staging.commit(work, out_dir)
-    _sync("save_converted: committed")
+    distributed.sync("save_converted: committed")
     return [MODEL_CONFIG] + written
 
 

@@ -132,7 +132,7 @@ class Qwen2Config:
 
     @property
     def num_groups(self) -> int:
-        """Query heads per KV head (G in the shape vocabulary)."""
+        """Query heads per KV head (Q in the shape vocabulary)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     def num_params(self) -> int:

@@ -1,9 +1,15 @@
 """Qwen2 causal LM in Flax NNX, with a KV-cache path for decoding.
 
-Shape vocabulary (used in array names, einsum strings and sharding fields):
-  B batch, T tokens in this call, S key/value slots (T without a cache, the cache length
-  with one), D model width, F MLP width, N query heads, K KV heads, G query heads per KV
-  head (N = K*G), H head dim, V vocab, L layers.
+The shape vocabulary of the whole package (array-name suffixes, einsum strings and the
+fields of `jaxzero.parallel.sharding.ShardingConfig`):
+  B rows of a batch (sequences); P prompts; G rollouts per prompt (B = P·G, a prompt's
+    rollouts contiguous)
+  T tokens of a sequence in this call (prompt + response in the train step, the prompt
+    bucket in a prefill); R response tokens; S key/value slots (T without a cache, the
+    cache length with one)
+  L layers; D model width; F MLP width; N query heads; K KV heads; Q query heads per KV
+    head (N = K·Q); H head dim; V vocab
+  C chunks (of response positions, of vocab blocks); W the width of one chunk
 
 Parameters are stored in `param_dtype` and cast to `compute_dtype` on use. RMSNorm, rotary
 embeddings, attention softmax and the logits are computed in float32.
@@ -19,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxzero.model.config import Qwen2Config
-from jaxzero.parallel.sharding import BATCH, constrain
+from jax.sharding import Mesh, NamedSharding
+
+from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, constrain, fit_spec
 
 _MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 
@@ -31,6 +39,7 @@ class ModelOptions:
     param_dtype: jnp.dtype = jnp.float32
     compute_dtype: jnp.dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass
+    sharding: ShardingConfig = FSDP_TP  # activation constraints (they bind under a mesh)
 
 
 class KVCache(NamedTuple):
@@ -51,6 +60,16 @@ class KVCache(NamedTuple):
                  config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, slots), jnp.bool_), jnp.zeros((), jnp.int32))
+
+    @classmethod
+    def shardings(cls, config: Qwen2Config, mesh: Mesh, table: ShardingConfig) -> "KVCache":
+        """The cache's shardings from the table: K heads fitted to the mesh (rows and slots
+        depend on the call; the sampler checks that rows divide)."""
+        lbskh = (config.num_hidden_layers, None, None, config.num_key_value_heads,
+                 config.head_dim)
+        kv = NamedSharding(mesh, fit_spec(table.cache_LBSKH, lbskh, mesh)[0])
+        return cls(kv, kv, NamedSharding(mesh, table.cache_BS),
+                   NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def positions_from_mask(valid_BT: jax.Array) -> jax.Array:
@@ -99,13 +118,13 @@ class Attention(nnx.Module):
         self.options = options
 
     def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
-        cfg, cd = self.config, self.options.compute_dtype
+        cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(cd))
-        q_BTNH = q_BTNH + self.q_bias_NH[...].astype(cd)
+        q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
         k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(cd))
-        k_BTKH = k_BTKH + self.k_bias_KH[...].astype(cd)
+        k_BTKH = constrain(k_BTKH + self.k_bias_KH[...].astype(cd), shd.act_BTKH)
         v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(cd))
-        v_BTKH = v_BTKH + self.v_bias_KH[...].astype(cd)
+        v_BTKH = constrain(v_BTKH + self.v_bias_KH[...].astype(cd), shd.act_BTKH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
 
@@ -122,16 +141,17 @@ class Attention(nnx.Module):
 
         b, t = x_BTD.shape[:2]
         s = k_BSKH.shape[1]
-        q_BTKGH = q_BTNH.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(cd),
+        q_BTKQH = q_BTNH.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
+        logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(cd),
                                   preferred_element_type=jnp.float32)
-        logits_BKGTS = logits_BKGTS * (cfg.head_dim ** -0.5)
+        logits_BKQTS = constrain(logits_BKQTS * (cfg.head_dim ** -0.5), shd.scores_BKQTS)
         allowed_BTS = (jnp.arange(s)[None, None, :] <= query_slot_BT[:, :, None]) & \
             key_valid_BS[:, None, :]
-        logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, _MASKED)
-        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cd)
-        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(cd))
-        out_BTNH = out_BTKGH.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        logits_BKQTS = jnp.where(allowed_BTS[:, None, None], logits_BKQTS, _MASKED)
+        probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(cd)
+        out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(cd))
+        out_BTNH = constrain(out_BTKQH.reshape(b, t, cfg.num_attention_heads, cfg.head_dim),
+                             shd.act_BTNH)
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(cd)), cache
 
 
@@ -146,11 +166,11 @@ class MLP(nnx.Module):
         self.options = options
 
     def __call__(self, x_BTD):
-        cd = self.options.compute_dtype
+        cd, shd = self.options.compute_dtype, self.options.sharding
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(cd))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(cd))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF,
-                          self.down_FD[...].astype(cd))
+        hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, shd.act_BTF)
+        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.down_FD[...].astype(cd))
 
 
 class Block(nnx.Module):
@@ -189,6 +209,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head_VD = _normal(rngs, (config.vocab_size, config.hidden_size), pd)
 
+    def embed(self, tokens_BT) -> jax.Array:
+        """Input embeddings [B, T, D] in the compute dtype."""
+        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
+        return constrain(x_BTD, self.options.sharding.act_BTD)
+
     def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
@@ -196,17 +221,21 @@ class Qwen2ForCausalLM(nnx.Module):
         the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
         valid slot up to their own.
         """
+        return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
+                                                  cache)
+
+    def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
+                                      cache: KVCache | None = None):
+        """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
-        t = tokens_BT.shape[1]
-        cd = self.options.compute_dtype
-        x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cd),
-                          BATCH, None, None)
+        shape_BT, shd = valid_BT.shape, self.options.sharding
+        t = shape_BT[1]
         if cache is None:
-            query_slot_BT = jnp.broadcast_to(jnp.arange(t), tokens_BT.shape)
+            query_slot_BT = jnp.broadcast_to(jnp.arange(t), shape_BT)
             key_valid_BS = valid_BT.astype(jnp.bool_)
         else:
-            query_slot_BT = jnp.broadcast_to(cache.end + jnp.arange(t), tokens_BT.shape)
+            query_slot_BT = jnp.broadcast_to(cache.end + jnp.arange(t), shape_BT)
             key_valid_BS = jax.lax.dynamic_update_slice(
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
@@ -214,7 +243,7 @@ class Qwen2ForCausalLM(nnx.Module):
         for layer, block in enumerate(self.layers):
             x_BTD, cache = run(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer,
                                cache)
-            x_BTD = constrain(x_BTD, BATCH, None, None)
+            x_BTD = constrain(x_BTD, shd.act_BTD)
         if cache is not None:
             cache = cache._replace(end=cache.end + t)
         return rms_norm(x_BTD, self.norm_D[...], self.config.rms_norm_eps), cache
@@ -226,7 +255,7 @@ class Qwen2ForCausalLM(nnx.Module):
         """Float32 logits [B, T, V] from hidden states."""
         w_VD = self.lm_head_weight().astype(self.options.compute_dtype)
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, w_VD, preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, BATCH, None, "tensor")
+        return constrain(logits_BTV, self.options.sharding.logits_BTV)
 
     def __call__(self, tokens_BT, valid_BT=None, positions_BT=None, cache: KVCache | None = None):
         """Float32 logits [B, T, V] and the updated cache (None without one)."""

@@ -1,30 +1,32 @@
 """Batched sampling from the Qwen2 model: a bucketed jitted prefill, then one while_loop decode.
 
-Shapes follow model.py, plus P prompts, n samples per prompt (B = P * n, the samples of one
-prompt contiguous), T the prompt bucket and R = max_new_tokens.
+Shapes as in `jaxzero.model.qwen2`: P prompts, n samples each (G; B = P·n rows, a prompt's
+samples contiguous), T the prompt bucket, R = max_new_tokens, S = T + R cache slots.
 
 Everything that changes between calls of a run is an array (prompts, the PRNG key, the
 sampling parameters), so the prefill compiles once per (bucket, P, n) and the decode once per
-(bucket, P * n). What is static is the frozen `SamplerConfig` (token budget, stop ids, pad
-id), the model's graphdef, and n.
+(bucket, P·n). What is static is the frozen `SamplerLoop`: the model's graphdef, the frozen
+`SamplerConfig` (token budget, stop ids, pad id), n, the mesh and the sharding table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple, Sequence
+import functools
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import KVCache
 from jaxzero.model.config import Qwen2Config
-from jaxzero.parallel.sharding import BATCH, put_global
+from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, constrain,
+                                       put_global)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +134,20 @@ def _draw(weights_BV: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
     152k-vocab Gumbel draw costs ~70 ms per step on CPU). Zero-weight entries are never drawn.
     """
     b, v = weights_BV.shape
-    w_BCK = jnp.pad(weights_BV, ((0, 0), (0, -v % block))).reshape(b, -1, block)
-    mass_BC = w_BCK.sum(-1)
+    w_BCW = jnp.pad(weights_BV, ((0, 0), (0, -v % block))).reshape(b, -1, block)
+    mass_BC = w_BCW.sum(-1)
     u_B = jax.random.uniform(key, (b,)) * mass_BC.sum(-1)
 
-    def pick(cum_BN, nonzero_BN, u_B):  # first entry with cum > u (rounding: last nonzero)
-        last_B = jnp.max(jnp.where(nonzero_BN, jnp.arange(cum_BN.shape[1]), 0), axis=-1)
-        return jnp.minimum(jnp.sum(cum_BN <= u_B[:, None], axis=-1), last_B)
+    def pick(cum, nonzero, u_B):  # [B, C] or [B, W]: first entry with cum > u
+        last_B = jnp.max(jnp.where(nonzero, jnp.arange(cum.shape[1]), 0), axis=-1)
+        return jnp.minimum(jnp.sum(cum <= u_B[:, None], axis=-1), last_B)  # rounding: last
 
     cum_BC = jnp.cumsum(mass_BC, axis=-1)
     c_B = pick(cum_BC, mass_BC > 0, u_B)
-    inner_BK = jnp.take_along_axis(w_BCK, c_B[:, None, None], axis=1)[:, 0]
+    inner_BW = jnp.take_along_axis(w_BCW, c_B[:, None, None], axis=1)[:, 0]
     before_B = jnp.take_along_axis(cum_BC - mass_BC, c_B[:, None], axis=1)[:, 0]
-    k_B = pick(jnp.cumsum(inner_BK, axis=-1), inner_BK > 0, u_B - before_B)
-    return (c_B * block + k_B).astype(jnp.int32)
+    w_B = pick(jnp.cumsum(inner_BW, axis=-1), inner_BW > 0, u_B - before_B)
+    return (c_B * block + w_B).astype(jnp.int32)
 
 
 def sample_token(logits_BV: jax.Array, key: jax.Array, params: SamplingParams
@@ -176,32 +178,12 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, params: SamplingParams
     return tokens_B, picked_B - lse_B
 
 
-# ----------------------------------------------------------------------------- prefill / decode
+# ----------------------------------------------------------------------------- the loop
 
 
-def prefill(graphdef, config: SamplerConfig, n: int, state, tokens_PT, valid_PT
-            ) -> tuple[KVCache, jax.Array]:
-    """Runs the prompts once; returns the cache grown to T + R slots and n copies per prompt
-    (B = P * n rows), and the last position's float32 logits [B, V]."""
-    model = nnx.merge(graphdef, state)
-    p, t = tokens_PT.shape
-    cache = KVCache.empty(model.config, p, t,
-                          jnp.dtype(config.cache_dtype or model.options.compute_dtype))
-    h_PTD, cache = model.hidden_states(tokens_PT, valid_PT, cache=cache)
-    logits_PV = model.logits(h_PTD[:, -1:])[:, 0]  # left-padded: the last slot is real
-    r = config.max_new_tokens
+class DecodeState(NamedTuple):
+    """The while loop's carry."""
 
-    def grow(x):  # [L, P, T, ...] -> [L, P*n, T+R, ...]; new slots are empty and invalid
-        pad = [(0, 0)] * x.ndim
-        pad[2] = (0, r)
-        return jnp.repeat(jnp.pad(x, pad), n, axis=1)
-
-    valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, r))), n, axis=0)
-    cache = KVCache(grow(cache.k_LBSKH), grow(cache.v_LBSKH), valid_BS, cache.end)
-    return cache, jnp.repeat(logits_PV, n, axis=0)
-
-
-class _DecodeState(NamedTuple):
     step: jax.Array        # int32: tokens [0, step) of every row are written
     tokens_BR: jax.Array
     logprobs_BR: jax.Array
@@ -210,50 +192,137 @@ class _DecodeState(NamedTuple):
     cache: KVCache
 
 
-def decode(graphdef, config: SamplerConfig, state, cache: KVCache, logits_BV, positions_B,
-           key, params: SamplingParams):
-    """Samples R tokens per row after `prefill`; stops early once every row has stopped.
+class Decoded(NamedTuple):
+    """What a decode returns, rows as the cache's."""
 
-    `positions_B` is each row's prompt length (the position of its first new token).
-    Returns (tokens_BR, mask_BR, logprobs_BR, lengths_B, stopped_B, final cache); the cache
-    comes back only so that the donated input cache can be updated in place.
+    tokens_BR: jax.Array   # int32, pad_id after a stop
+    mask_BR: jax.Array     # bool, the completion (its stop token included)
+    logprobs_BR: jax.Array
+    lengths_B: jax.Array
+    stopped_B: jax.Array
+    cache: KVCache         # the donated input cache, returned only so it is updated in place
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerLoop:
+    """Prefill and decode of one model, for one sampler config and n samples per prompt.
+
+    Frozen and hashable: it is the static `self` of its jitted methods, so everything it
+    holds (graphdef, config, n, mesh, sharding table) is compiled in, and everything passed
+    per call (parameters, prompts, key, sampling parameters) is traced. Both methods trace
+    under the mesh (the model's constraints bind) and pin their outputs to the table's
+    shardings; inputs keep the shardings they arrive with.
     """
-    model = nnx.merge(graphdef, state)
-    b, r = logits_BV.shape[0], config.max_new_tokens
-    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
-    def record(s: _DecodeState, logits_BV, cache) -> _DecodeState:
-        tok_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, s.step), params)
-        tok_B = jnp.where(s.done_B, config.pad_id, tok_B)
-        logp_B = jnp.where(s.done_B, 0.0, logp_B)
-        return _DecodeState(
-            step=s.step + 1,
-            tokens_BR=jax.lax.dynamic_update_slice(s.tokens_BR, tok_B[:, None], (0, s.step)),
-            logprobs_BR=jax.lax.dynamic_update_slice(s.logprobs_BR, logp_B[:, None],
-                                                     (0, s.step)),
-            lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
-            done_B=s.done_B | jnp.isin(tok_B, stop_ids),
-            cache=cache)
+    graphdef: Any
+    config: SamplerConfig
+    n: int
+    mesh: Mesh | None = None
+    sharding: ShardingConfig = FSDP_TP
 
-    def body(s: _DecodeState) -> _DecodeState:
-        last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
-        positions_B1 = (positions_B + s.step - 1)[:, None]
-        logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache)
-        return record(s, logits_B1V[:, 0], cache)
+    def __post_init__(self):
+        if self.n < 1:
+            raise ConfigError(f"n={self.n}; it must be at least 1")
 
-    def more(s: _DecodeState):
-        return (s.step < r) & ~jnp.all(s.done_B)
+    def _mesh_context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
 
-    start = _DecodeState(
-        step=jnp.int32(0), tokens_BR=jnp.full((b, r), config.pad_id, jnp.int32),
-        logprobs_BR=jnp.zeros((b, r), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
-        done_B=jnp.zeros((b,), jnp.bool_), cache=cache)
-    end = jax.lax.while_loop(more, body, record(start, logits_BV, cache))
-    mask_BR = jnp.arange(r)[None, :] < end.lengths_B[:, None]
-    return end.tokens_BR, mask_BR, end.logprobs_BR, end.lengths_B, end.done_B, end.cache
+    def _model(self, params):
+        model = nnx.merge(self.graphdef, params)
+        if model.options.sharding != self.sharding:
+            raise ConfigError("the model's ModelOptions.sharding is not the sampler's table; "
+                              "pass the same ShardingConfig to both")
+        return model
+
+    def _pin_cache(self, cache: KVCache) -> KVCache:
+        shd = self.sharding
+        return KVCache(constrain(cache.k_LBSKH, shd.cache_LBSKH),
+                       constrain(cache.v_LBSKH, shd.cache_LBSKH),
+                       constrain(cache.valid_BS, shd.cache_BS), cache.end)
+
+    @functools.partial(jax.jit, static_argnames=("self",))
+    def prefill(self, params, tokens_PT, valid_PT) -> tuple[KVCache, jax.Array]:
+        """Runs the prompts once; returns the cache grown to T + R slots with n copies per
+        prompt (B = P·n rows, a prompt's copies contiguous), and the last position's float32
+        logits [B, V]."""
+        with self._mesh_context():
+            model = self._model(params)
+            p, t = tokens_PT.shape
+            cache = KVCache.empty(model.config, p, t, jnp.dtype(
+                self.config.cache_dtype or model.options.compute_dtype))
+            h_PTD, cache = model.hidden_states(tokens_PT, valid_PT, cache=cache)
+            logits_PV = model.logits(h_PTD[:, -1:])[:, 0]  # left-padded: the last slot is real
+            r, n = self.config.max_new_tokens, self.n
+
+            def grow(x_LPTKH):  # new slots are empty and invalid
+                return jnp.repeat(jnp.pad(x_LPTKH, ((0, 0), (0, 0), (0, r), (0, 0), (0, 0))),
+                                  n, axis=1)
+
+            valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, r))), n, axis=0)
+            cache = self._pin_cache(KVCache(grow(cache.k_LBSKH), grow(cache.v_LBSKH), valid_BS,
+                                            cache.end))
+            return cache, constrain(jnp.repeat(logits_PV, n, axis=0), self.sharding.rows_BT)
+
+    # The prefill's cache is donated: the while loop updates it in place (it comes back in
+    # `Decoded.cache` only to alias it) instead of holding two copies.
+    @functools.partial(jax.jit, static_argnames=("self",), donate_argnames=("cache",))
+    def decode(self, params, cache: KVCache, logits_BV, positions_B, key,
+               sampling: SamplingParams) -> Decoded:
+        """Samples R tokens per row after `prefill`; stops early once every row has stopped.
+
+        `positions_B` is each row's prompt length (the position of its first new token).
+        """
+        with self._mesh_context():
+            return self._decode(self._model(params), cache, logits_BV, positions_B, key,
+                                sampling)
+
+    def _decode(self, model, cache, logits_BV, positions_B, key, sampling) -> Decoded:
+        config, shd = self.config, self.sharding
+        b, r = logits_BV.shape[0], config.max_new_tokens
+        stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+        def record(s: DecodeState, logits_BV, cache) -> DecodeState:
+            tok_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, s.step), sampling)
+            tok_B = jnp.where(s.done_B, config.pad_id, tok_B)
+            logp_B = jnp.where(s.done_B, 0.0, logp_B)
+            return DecodeState(
+                step=s.step + 1,
+                tokens_BR=jax.lax.dynamic_update_slice(s.tokens_BR, tok_B[:, None], (0, s.step)),
+                logprobs_BR=jax.lax.dynamic_update_slice(s.logprobs_BR, logp_B[:, None],
+                                                         (0, s.step)),
+                lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
+                done_B=s.done_B | jnp.isin(tok_B, stop_ids),
+                cache=cache)
+
+        def body(s: DecodeState) -> DecodeState:
+            last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
+            positions_B1 = (positions_B + s.step - 1)[:, None]
+            logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache)
+            return record(s, logits_B1V[:, 0], cache)
+
+        def more(s: DecodeState):
+            return (s.step < r) & ~jnp.all(s.done_B)
+
+        start = DecodeState(
+            step=jnp.int32(0), tokens_BR=jnp.full((b, r), config.pad_id, jnp.int32),
+            logprobs_BR=jnp.zeros((b, r), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
+            done_B=jnp.zeros((b,), jnp.bool_), cache=cache)
+        end = jax.lax.while_loop(more, body, record(start, logits_BV, cache))
+        mask_BR = jnp.arange(r)[None, :] < end.lengths_B[:, None]
+        rows = lambda x: constrain(x, shd.rows_BT if x.ndim == 2 else shd.rows_B)
+        return Decoded(tokens_BR=rows(end.tokens_BR), mask_BR=rows(mask_BR),
+                       logprobs_BR=rows(end.logprobs_BR), lengths_B=rows(end.lengths_B),
+                       stopped_B=rows(end.done_B), cache=self._pin_cache(end.cache))
 
 
 # ----------------------------------------------------------------------------- host API
+
+
+def _axes(spec) -> tuple[str, ...]:
+    """The mesh axes of a one-dimensional spec (the rows')."""
+    return tuple(a for axes in spec for a in ((axes,) if isinstance(axes, str) else axes or ()))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int
@@ -269,17 +338,19 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int
 
 
 class Sampler:
-    """Jitted prefill + decode for one model architecture, optionally over a device mesh.
+    """The host side of sampling: buckets and pads prompts, places them, and runs a
+    `SamplerLoop`, optionally over a device mesh.
 
     The parameters are passed per call (the trainer's own arrays, left on whatever shardings
-    they have: nothing is copied). With a mesh, batch-leading arrays go over (data, fsdp) and
-    the key and sampling parameters are replicated.
+    they have: nothing is copied). With a mesh, prompt rows go over the table's rows; the key
+    and sampling parameters are replicated.
     """
 
     def __init__(self, graphdef, model_config: Qwen2Config, *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int,
                  buckets: Sequence[int] = (128, 256, 512, 1024), mesh: Mesh | None = None,
-                 cache_dtype: str | None = None, max_prompts_per_call: int | None = None):
+                 cache_dtype: str | None = None, max_prompts_per_call: int | None = None,
+                 sharding: ShardingConfig = FSDP_TP):
         self.config = SamplerConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
                                     pad_id=pad_id, buckets=tuple(buckets),
                                     cache_dtype=cache_dtype,
@@ -287,37 +358,18 @@ class Sampler:
         self.model_config = model_config
         self.mesh = mesh
         self.graphdef = graphdef
-        kw_prefill, kw_decode = {}, {}
-        if mesh is not None:
-            rows, rows1 = self._rows(2), self._rows(1)
-            rep = NamedSharding(mesh, P())
-            cache_s = self._cache_sharding()
-            # None for the parameters: compile against the shardings they already have.
-            kw_prefill = dict(in_shardings=(None, rows, rows), out_shardings=(cache_s, rows))
-            kw_decode = dict(in_shardings=(None, cache_s, rows, rows1, rep, rep),
-                             out_shardings=(rows, rows, rows, rows1, rows1, cache_s))
-        # The prefill's cache is consumed by the decode: donating it lets the while loop
-        # update it in place (it is returned only to alias it) instead of holding two copies.
-        self._prefill = jax.jit(prefill, static_argnums=(0, 1, 2), **kw_prefill)
-        self._decode = jax.jit(decode, static_argnums=(0, 1), donate_argnums=(3,),
-                               **kw_decode)
+        self.sharding = sharding
 
-    def _rows(self, ndim: int) -> NamedSharding:
-        return NamedSharding(self.mesh, P(BATCH, *([None] * (ndim - 1))))
-
-    def _cache_sharding(self) -> KVCache:
-        # K heads over `tensor`, as the sharded k/v projections produce them, when they divide.
-        heads = "tensor" if self.model_config.num_key_value_heads % self.mesh.shape["tensor"] \
-            == 0 else None
-        kv = NamedSharding(self.mesh, P(None, BATCH, None, heads, None))
-        return KVCache(kv, kv, self._rows(2), NamedSharding(self.mesh, P()))
+    def loop(self, n: int) -> SamplerLoop:
+        """The static loop for n samples per prompt (equal loops share their compilations)."""
+        return SamplerLoop(self.graphdef, self.config, n, self.mesh, self.sharding)
 
     @property
     def data_parallel(self) -> int:
-        """Rows per call must be a multiple of this (the size of the batch axes)."""
+        """Rows per call must be a multiple of this (the devices the rows go over)."""
         if self.mesh is None:
             return 1
-        return int(np.prod([self.mesh.shape[a] for a in BATCH]))
+        return int(np.prod([self.mesh.shape[a] for a in _axes(self.sharding.rows_B)]))
 
     def bucket_for(self, length: int) -> int:
         for b in self.config.buckets:
@@ -330,7 +382,7 @@ class Sampler:
     def _put(self, x: np.ndarray):
         if self.mesh is None:
             return jnp.asarray(x)
-        return put_global(x, self._rows(x.ndim))
+        return put_global(x, batch_sharding(self.mesh, x.ndim, self.sharding))
 
     def sample_padded(self, state, tokens_PT: np.ndarray, valid_PT: np.ndarray, *,
                       key: jax.Array, params: SamplingParams, n: int) -> SampleOutput:
@@ -338,16 +390,12 @@ class Sampler:
         if tokens_PT.shape[0] % self.data_parallel:
             raise ConfigError(f"{tokens_PT.shape[0]} prompts do not divide over the "
                               f"{self.data_parallel} data-parallel devices")
+        loop = self.loop(n)
         positions_B = np.repeat(valid_PT.sum(axis=1).astype(np.int32), n)
-        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-        with ctx:
-            cache, logits_BV = self._prefill(self.graphdef, self.config, n, state,
-                                             self._put(tokens_PT), self._put(valid_PT))
-            tokens, mask, logprobs, lengths, stopped, _ = self._decode(
-                self.graphdef, self.config, state, cache, logits_BV, self._put(positions_B),
-                key, params)
-        return SampleOutput(tokens, mask, logprobs, lengths, stopped,
-                            self._put(np.repeat(tokens_PT, n, axis=0)),
+        cache, logits_BV = loop.prefill(state, self._put(tokens_PT), self._put(valid_PT))
+        out = loop.decode(state, cache, logits_BV, self._put(positions_B), key, params)
+        return SampleOutput(out.tokens_BR, out.mask_BR, out.logprobs_BR, out.lengths_B,
+                            out.stopped_B, self._put(np.repeat(tokens_PT, n, axis=0)),
                             self._put(np.repeat(valid_PT, n, axis=0)))
 
     def generate(self, state, prompts: Sequence[Sequence[int]], *, key: jax.Array,

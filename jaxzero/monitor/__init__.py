@@ -1,0 +1,1 @@
+"""What a person watches: TensorBoard scalars and text, console lines, and PNG plots."""

@@ -65,3 +65,10 @@ def _multi_host_hint() -> bool:
 def is_main_process() -> bool:
     """Process 0 writes logs, plots and HF exports; every process takes part in checkpoints."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier across every process (a no-op for one): e.g. all look before process 0 writes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -1,46 +1,129 @@
-"""Device mesh and the partition rules of every Qwen2 parameter, optimizer state and activation.
+"""The device mesh and one sharding table for parameters, activations, the KV cache and batches.
 
 The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters,
-gradients and optimizer state sharded) and `tensor` (attention heads and the MLP width split
-across devices). The batch goes over (data, fsdp).
+gradients and optimizer state sharded) and `tensor` (attention heads, the MLP width and the
+vocab split across devices). Rows of every batch go over (data, fsdp).
+
+`ShardingConfig` is the table: one PartitionSpec per field, the field's suffix letters naming
+its dimensions in the shape vocabulary of `jaxzero.model`. A spec is fitted to an array's shape
+(`fit_spec`): a mesh axis that does not divide its dimension is dropped there, and
+`undivided` lists every such drop once, for the start-up log.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import functools
 import math
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxzero.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from jaxzero.parallel.trees import dict_keys, leaf_name, path_name
 
 AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # the batch dimension of every activation and rollout array
+BATCH = ("data", "fsdp")  # the rows (B) of every activation, cache and batch array
 
-# One rule per parameter, by its name; the suffix letters are its dimensions (model.py).
-# FSDP shards the large model dimension D; tensor parallelism shards heads (N, K), the MLP
-# width F and the vocab V. Head dim H and the norms stay whole.
-PARAM_RULES: dict[str, tuple[str | None, ...]] = {
-    "embed_VD":     ("tensor", "fsdp"),
-    "lm_head_VD":   ("tensor", "fsdp"),
-    "norm_D":       (None,),
-    "attn_norm_D":  (None,),
-    "mlp_norm_D":   (None,),
-    "q_DNH":        ("fsdp", "tensor", None),
-    "q_bias_NH":    ("tensor", None),
-    "k_DKH":        ("fsdp", "tensor", None),
-    "k_bias_KH":    ("tensor", None),
-    "v_DKH":        ("fsdp", "tensor", None),
-    "v_bias_KH":    ("tensor", None),
-    "o_NHD":        ("tensor", None, "fsdp"),
-    "gate_DF":      ("fsdp", "tensor"),
-    "up_DF":        ("fsdp", "tensor"),
-    "down_FD":      ("tensor", "fsdp"),
-}
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+    return axes if isinstance(axes, tuple) else (axes,) if axes else ()
+
+
+def letters(field: str) -> str:
+    """`q_bias_NH` -> "NH": the dimensions a table field (or parameter name) is named for."""
+    return field.rsplit("_", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """PartitionSpecs by the dimensions they shard (letters as in `jaxzero.model`).
+
+    Parameter fields are named exactly as the model's parameters. Hashable, so it can sit in
+    the model's static `ModelOptions` and in a static jit argument.
+    """
+
+    # parameters
+    embed_VD: P
+    lm_head_VD: P
+    norm_D: P
+    attn_norm_D: P
+    mlp_norm_D: P
+    q_DNH: P
+    q_bias_NH: P
+    k_DKH: P
+    k_bias_KH: P
+    v_DKH: P
+    v_bias_KH: P
+    o_NHD: P
+    gate_DF: P
+    up_DF: P
+    down_FD: P
+    # activations
+    act_BTD: P       # the residual stream
+    act_BTNH: P      # queries
+    act_BTKH: P      # keys and values
+    act_BTF: P       # the MLP's hidden layer
+    scores_BKQTS: P    # attention scores and probabilities
+    logits_BTV: P
+    # the KV cache of the sampler
+    cache_LBSKH: P
+    cache_BS: P      # which slots hold a real token
+    # batches: rows of the train step and the sampler
+    rows_BT: P
+    rows_B: P
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            spec = getattr(self, field.name)
+            if not isinstance(spec, P):
+                raise ConfigError(f"sharding table {field.name}: {spec!r} is not a PartitionSpec")
+            if len(spec) > len(letters(field.name)):
+                raise ConfigError(f"sharding table {field.name}: {spec} has more entries than "
+                                  f"the {len(letters(field.name))} dimensions it names")
+            for axes in spec:
+                unknown = [a for a in _axes_tuple(axes) if a not in AXES]
+                if unknown:
+                    raise ConfigError(f"sharding table {field.name}: unknown mesh axes "
+                                      f"{unknown}; the mesh has {AXES}")
+
+    @classmethod
+    def fsdp_tp(cls) -> "ShardingConfig":
+        """FSDP over the model width D, tensor parallelism over heads (N, K), the MLP width F
+        and the vocab V; head dim H and the norms stay whole; rows over (data, fsdp)."""
+        return cls(
+            embed_VD=P("tensor", "fsdp"), lm_head_VD=P("tensor", "fsdp"),
+            norm_D=P(None), attn_norm_D=P(None), mlp_norm_D=P(None),
+            q_DNH=P("fsdp", "tensor", None), q_bias_NH=P("tensor", None),
+            k_DKH=P("fsdp", "tensor", None), k_bias_KH=P("tensor", None),
+            v_DKH=P("fsdp", "tensor", None), v_bias_KH=P("tensor", None),
+            o_NHD=P("tensor", None, "fsdp"),
+            gate_DF=P("fsdp", "tensor"), up_DF=P("fsdp", "tensor"), down_FD=P("tensor", "fsdp"),
+            act_BTD=P(BATCH, None, None), act_BTNH=P(BATCH, None, "tensor", None),
+            act_BTKH=P(BATCH, None, "tensor", None), act_BTF=P(BATCH, None, "tensor"),
+            scores_BKQTS=P(BATCH, "tensor", None, None, None), logits_BTV=P(BATCH, None, "tensor"),
+            cache_LBSKH=P(None, BATCH, None, "tensor", None), cache_BS=P(BATCH, None),
+            rows_BT=P(BATCH, None), rows_B=P(BATCH))
+
+    @classmethod
+    def replicated(cls) -> "ShardingConfig":
+        """Every array whole on every device."""
+        return cls(**{f.name: P() for f in dataclasses.fields(cls)})
+
+    def param_spec(self, name: str) -> P:
+        """The spec of the parameter called `name` (its leaf name, e.g. `q_DNH`)."""
+        if name not in PARAM_NAMES:
+            raise KeyError(f"parameter {name!r} has no field in ShardingConfig; parameters: "
+                           f"{', '.join(PARAM_NAMES)}")
+        return getattr(self, name)
+
+
+FSDP_TP = ShardingConfig.fsdp_tp()
+# Every field but the activation, cache and batch ones is a parameter of the model.
+PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ShardingConfig) if not f.name.startswith(
+    ("act_", "scores_", "logits_", "cache_", "rows_")))
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
@@ -72,106 +155,168 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _leaf_name(path) -> str:
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return str(names[-1]) if names else ""
+# ----------------------------------------------------------------------------- fitting
 
 
-def _path_str(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+class Dropped(NamedTuple):
+    """A mesh axis left off a dimension it does not divide (that dimension is replicated)."""
+
+    dim: int
+    size: int
+    axes: tuple[str, ...]
+    devices: int
 
 
-def fit_spec(spec: tuple, shape: tuple[int, ...], mesh: Mesh, what: str = "") -> P:
-    """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
-    fitted = []
-    for dim, axes in zip(shape, spec):
-        axes_tuple = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        size = math.prod(mesh.shape[a] for a in axes_tuple)
-        if axes_tuple and dim % size:
-            log.info("%s: dimension %d does not divide over %s (%d devices); replicated there",
-                     what, dim, axes_tuple, size)
+def fit_spec(spec: P, shape: Sequence[int | None], mesh) -> tuple[P, tuple[Dropped, ...]]:
+    """`spec` with mesh axes dropped from dimensions they do not divide, and what was dropped.
+
+    `mesh` is a Mesh or an AbstractMesh. A dimension of size None (one that depends on the
+    call, e.g. rows whose divisibility the caller's shardings enforce) keeps its axes.
+    """
+    fitted, dropped = [], []
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        devices = math.prod(mesh.shape[a] for a in _axes_tuple(axes))
+        if size is not None and size % devices:
+            dropped.append(Dropped(dim, size, _axes_tuple(axes), devices))
             fitted.append(None)
         else:
             fitted.append(axes)
-    return P(*fitted)
+    return P(*fitted), tuple(dropped)
 
 
-def param_specs(state, mesh: Mesh):
-    """The PartitionSpec of each parameter, from PARAM_RULES, fitted to its shape."""
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """A sharding constraint from the table under the active mesh (`jax.set_mesh`), fitted to
+    x's shape; without a mesh (a plain single-device call) there is nothing to constrain."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    fitted, _ = fit_spec(spec, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, fitted)
+
+
+def traced_under(mesh: Mesh, fn):
+    """`fn`, tracing under `mesh`, so that the table's activation constraints bind in jit
+    however the jitted function is called or lowered (`jax.set_mesh` cannot enter a trace;
+    the abstract mesh is what `constrain` reads)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_specs(state, mesh: Mesh, table: ShardingConfig = FSDP_TP):
+    """The PartitionSpec of each parameter, from the table, fitted to its shape."""
     def spec(path, leaf):
-        name = _leaf_name(path)
-        if name not in PARAM_RULES:
-            raise KeyError(f"parameter {_path_str(path)} has no partition rule in PARAM_RULES")
-        return fit_spec(PARAM_RULES[name], leaf.shape, mesh, _path_str(path))
+        try:
+            rule = table.param_spec(leaf_name(path))
+        except KeyError as e:
+            raise KeyError(f"parameter {path_name(path)}: {e.args[0]}") from None
+        return fit_spec(rule, leaf.shape, mesh)[0]
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
-def param_shardings(state, mesh: Mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh),
+def param_shardings(state, mesh: Mesh, table: ShardingConfig = FSDP_TP):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh, table),
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def follow_params(tree, params, mesh: Mesh):
-    """Shardings for a tree (optimizer state, gradients) whose array leaves mirror parameters.
-
-    A leaf whose path ends with a parameter's path and has its shape gets that parameter's
-    sharding; anything else (step counts, scalars) is replicated.
-    """
-    by_path = {}
-    for path, spec in jax.tree_util.tree_flatten_with_path(
-            param_specs(params, mesh), is_leaf=lambda x: isinstance(x, P))[0]:
-        by_path[_dict_keys(path)] = spec
-    shapes = {_dict_keys(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+def _follow(tree, params, mesh: Mesh, table: ShardingConfig):
+    """follow_params' shardings, and the paths of non-scalar leaves that match no parameter."""
+    specs = jax.tree_util.tree_flatten_with_path(param_specs(params, mesh, table),
+                                                 is_leaf=lambda x: isinstance(x, P))[0]
+    by_keys = {dict_keys(p): spec for p, spec in specs}
+    shapes = {dict_keys(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    unmatched = []
 
     def sharding(path, leaf):
-        keys = _dict_keys(path)
+        keys = dict_keys(path)
         for start in range(len(keys)):
-            suffix = keys[start:]
-            if suffix in by_path and shapes[suffix] == leaf.shape:
-                return NamedSharding(mesh, by_path[suffix])
+            if keys[start:] in by_keys and shapes[keys[start:]] == leaf.shape:
+                return NamedSharding(mesh, by_keys[keys[start:]])
+        if np.prod(leaf.shape) > 1:
+            unmatched.append(f"{path_name(path)} {tuple(leaf.shape)}")
         return NamedSharding(mesh, P())
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+    return jax.tree_util.tree_map_with_path(sharding, tree), unmatched
 
 
-def _dict_keys(path) -> tuple:
-    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+def follow_params(tree, params, mesh: Mesh, table: ShardingConfig = FSDP_TP):
+    """Shardings for a tree (optimizer state, gradients) whose array leaves mirror parameters.
+
+    A leaf whose dict-key path ends with a parameter's and has its shape gets that
+    parameter's sharding; anything else is replicated (scalars such as step counts by design,
+    larger leaves are reported by `undivided`).
+    """
+    return _follow(tree, params, mesh, table)[0]
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch-leading arrays: dim 0 over (data, fsdp), the rest whole."""
-    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+def dims_of(params) -> dict[str, int]:
+    """The size of each dimension letter the parameters name (`q_DNH` [64, 4, 16] gives D, N,
+    H), plus Q = N / K; raises if two parameters disagree on a letter."""
+    dims: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        for letter, size in zip(letters(leaf_name(path)), leaf.shape):
+            if dims.setdefault(letter, size) != size:
+                raise ValueError(f"{path_name(path)}: {letter}={size}, but another parameter "
+                                 f"has {letter}={dims[letter]}")
+    if "N" in dims and "K" in dims:
+        dims["Q"] = dims["N"] // dims["K"]
+    return dims
+
+
+def undivided(params, mesh: Mesh, table: ShardingConfig = FSDP_TP, opt_state=None) -> list[str]:
+    """Everything the table asks to shard that will be replicated instead, one line each.
+
+    Every table field is fitted to the sizes the parameters fix (rows, lengths and slots
+    depend on the call and are checked there); leaves of `opt_state` that follow no
+    parameter are listed too. Empty when everything shards as the table says.
+    """
+    dims = dims_of(params)
+    lines = []
+    for field in dataclasses.fields(table):
+        names = letters(field.name)
+        _, dropped = fit_spec(getattr(table, field.name), [dims.get(c) for c in names], mesh)
+        for d in dropped:
+            lines.append(f"{field.name}: {names[d.dim]}={d.size} does not divide over "
+                         f"{'×'.join(d.axes)} ({d.devices} devices); replicated along "
+                         f"{names[d.dim]}")
+    if opt_state is not None:
+        lines += [f"optimizer state {leaf}: follows no parameter; replicated"
+                  for leaf in _follow(opt_state, params, mesh, table)[1]]
+    return lines
+
+
+def describe(state, mesh: Mesh, table: ShardingConfig = FSDP_TP) -> list[str]:
+    """One line per parameter: its shape, spec and per-device shard shape (for logs and plan)."""
+    lines = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        spec, _ = fit_spec(table.param_spec(leaf_name(path)), leaf.shape, mesh)
+        shard = NamedSharding(mesh, spec).shard_shape(leaf.shape)
+        lines.append(f"{path_name(path):45s} {str(leaf.shape):22s} {str(spec):40s} {shard}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, table: ShardingConfig = FSDP_TP) -> NamedSharding:
+    """Rows of a batch: [B] or [B, T] (dim 0 over the table's rows, the rest whole)."""
+    if ndim not in (1, 2):
+        raise ValueError(f"batches are [B] or [B, T]; got {ndim} dimensions")
+    return NamedSharding(mesh, table.rows_B if ndim == 1 else table.rows_BT)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def constrain(x: jax.Array, *spec) -> jax.Array:
-    """A sharding constraint under an active mesh (`jax.set_mesh`); a no-op without one.
-
-    The model calls this on its activations so the batch stays on (data, fsdp) inside jit;
-    dimensions that do not divide are left unconstrained.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    fitted = []
-    for dim, axes in zip(x.shape, spec):
-        axes_tuple = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        size = math.prod(mesh.shape[a] for a in axes_tuple)
-        fitted.append(axes if axes_tuple and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*fitted))
-
-
-def describe(state, mesh: Mesh) -> list[str]:
-    """One line per parameter: its shape, spec and per-device shard shape (for logs and plan)."""
-    lines = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        spec = fit_spec(PARAM_RULES[_leaf_name(path)], leaf.shape, mesh)
-        shard = NamedSharding(mesh, spec).shard_shape(leaf.shape)
-        lines.append(f"{_path_str(path):45s} {str(leaf.shape):22s} {str(spec):40s} {shard}")
-    return lines
+def abstract_on(tree, shardings):
+    """ShapeDtypeStructs of a tree of arrays (or structs) placed on `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
 
 
 def bytes_per_device(tree, shardings) -> int:
@@ -196,7 +341,8 @@ def put_global(host_tree, shardings):
 
 
 def to_host(x) -> np.ndarray:
-    """The whole of a (possibly multi-host) global array, as numpy, on every process."""
+    """The whole of a (possibly multi-host) global array, as numpy, on every process; every
+    process must call it, since it may gather."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))

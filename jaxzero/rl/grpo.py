@@ -1,7 +1,7 @@
 """GRPO math: group advantages, KL estimators, the clipped policy loss and its aggregation.
 
-Pure functions of arrays and static hyperparameters: B rollouts (prompts × group size G, a
-prompt's rollouts contiguous), T response tokens (the padded response length), V vocabulary.
+Pure functions of arrays and static hyperparameters: B rollouts (P prompts × G rollouts each, a
+prompt's rollouts contiguous), R response tokens (the padded response length), V vocabulary.
 The advantages, KL estimators and clipped surrogate are verl's (`core_algos.py`). Of the
 aggregations, `token-mean` over the whole batch is modern verl's; the verl that DiagnosisZero
 forked does not compute it. Its `dp_actor.update_policy` takes each micro-batch's own token
@@ -44,14 +44,14 @@ class AggNorms:
 
     tokens: jax.Array      # valid tokens (token-mean)
     sequences: jax.Array   # rows with at least one valid token (seq-mean-*)
-    cells: jax.Array       # B × T of the padded batch (seq-mean-token-sum-norm, Dr. GRPO)
+    cells: jax.Array       # B × R of the padded batch (seq-mean-token-sum-norm, Dr. GRPO)
     # Per row, the valid tokens of its loss group (seed-micro-token-mean): the only field with
     # a batch axis, so it is split with the rows when the batch is cut into micro-batches.
     group_tokens_B: jax.Array
     groups: jax.Array      # loss groups in the whole batch
 
 
-def aggregation_norms(mask_BT: jax.Array, mode: str, *,
+def aggregation_norms(mask_BR: jax.Array, mode: str, *,
                       group_rows: int | None = None) -> AggNorms:
     """Normalisers of a full batch, to pass to `aggregate` for each of its micro-batches.
 
@@ -61,44 +61,44 @@ def aggregation_norms(mask_BT: jax.Array, mode: str, *,
     batch is one group, so a group token mean is the batch's token mean.
     """
     _check_mode(mode)
-    m_BT = mask_BT.astype(jnp.float32)
-    b = mask_BT.shape[0]
+    m_BR = mask_BR.astype(jnp.float32)
+    b = mask_BR.shape[0]
     one = jnp.float32(1.0)
     rows = b if group_rows is None else group_rows
     if mode == SEED_AGG and group_rows is None:
         raise ValueError(f"{SEED_AGG} needs group_rows (rows per seed micro-batch)")
     if rows < 1 or b % rows:
         raise ValueError(f"group_rows={rows} must be ≥ 1 and divide the batch ({b})")
-    group_tokens_G = jnp.maximum(m_BT.sum(-1).reshape(b // rows, rows).sum(-1), one)
-    return AggNorms(tokens=jnp.maximum(m_BT.sum(), one),
-                    sequences=jnp.maximum((m_BT.sum(-1) > 0).sum().astype(jnp.float32), one),
-                    cells=jnp.float32(max(mask_BT.shape[0] * mask_BT.shape[1], 1)),
-                    group_tokens_B=jnp.repeat(group_tokens_G, rows),
+    group_tokens_M = jnp.maximum(m_BR.sum(-1).reshape(b // rows, rows).sum(-1), one)
+    return AggNorms(tokens=jnp.maximum(m_BR.sum(), one),
+                    sequences=jnp.maximum((m_BR.sum(-1) > 0).sum().astype(jnp.float32), one),
+                    cells=jnp.float32(max(mask_BR.shape[0] * mask_BR.shape[1], 1)),
+                    group_tokens_B=jnp.repeat(group_tokens_M, rows),
                     groups=jnp.float32(b // rows))
 
 
-def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str, *,
+def aggregate(x_BR: jax.Array, mask_BR: jax.Array, mode: str, *,
               norm: AggNorms | None = None) -> jax.Array:
     """Reduces per-token values to a scalar; `norm` (default: this batch's) makes it exact
     under micro-batching. Masked tokens and empty rows contribute 0, never NaN."""
     _check_mode(mode)
     if norm is None:
-        norm = aggregation_norms(mask_BT, mode)
-    m_BT = mask_BT.astype(jnp.float32)
-    x_BT = jnp.where(m_BT > 0, x_BT.astype(jnp.float32), 0.0) * m_BT
+        norm = aggregation_norms(mask_BR, mode)
+    m_BR = mask_BR.astype(jnp.float32)
+    x_BR = jnp.where(m_BR > 0, x_BR.astype(jnp.float32), 0.0) * m_BR
     if mode == "token-mean":
-        return x_BT.sum() / norm.tokens
+        return x_BR.sum() / norm.tokens
     if mode == "seq-mean-token-sum":
-        return x_BT.sum() / norm.sequences
+        return x_BR.sum() / norm.sequences
     if mode == "seq-mean-token-mean":
         # A row's own token count is local to its micro-batch; only the row count is global.
-        seq_B = x_BT.sum(-1) / jnp.maximum(m_BT.sum(-1), 1.0)
+        seq_B = x_BR.sum(-1) / jnp.maximum(m_BR.sum(-1), 1.0)
         return seq_B.sum() / norm.sequences
     if mode == SEED_AGG:
         # The mean over groups of each group's token mean: a row's share is divided by its
         # own group's token count.
-        return (x_BT.sum(-1) / norm.group_tokens_B).sum() / norm.groups
-    return x_BT.sum() / norm.cells
+        return (x_BR.sum(-1) / norm.group_tokens_B).sum() / norm.groups
+    return x_BR.sum() / norm.cells
 
 
 # ---- the seed's rows-to-micro-batches -------------------------------------------------------
@@ -181,74 +181,74 @@ def group_advantages(scores_B: jax.Array, group_size: int, *, eps: float = 1e-6,
     return adv_PG.reshape(n)
 
 
-def kl_penalty(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str) -> jax.Array:
+def kl_penalty(logp_BR: jax.Array, ref_logp_BR: jax.Array, kind: str) -> jax.Array:
     """Per-token KL(π‖π_ref) estimate: k1 (kl), abs, k2 (mse) or k3 (low_var_kl)."""
-    diff_BT = logp_BT.astype(jnp.float32) - ref_logp_BT.astype(jnp.float32)
+    diff_BR = logp_BR.astype(jnp.float32) - ref_logp_BR.astype(jnp.float32)
     if kind in ("k1", "kl"):
-        return diff_BT
+        return diff_BR
     if kind == "abs":
-        return jnp.abs(diff_BT)
+        return jnp.abs(diff_BR)
     if kind in ("k2", "mse"):
-        return 0.5 * jnp.square(diff_BT)
+        return 0.5 * jnp.square(diff_BR)
     if kind in ("k3", "low_var_kl"):
-        x_BT = jnp.clip(-diff_BT, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-        return jnp.clip(jnp.exp(x_BT) - x_BT - 1.0, -_K3_BOUND, _K3_BOUND)
+        x_BR = jnp.clip(-diff_BR, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        return jnp.clip(jnp.exp(x_BR) - x_BR - 1.0, -_K3_BOUND, _K3_BOUND)
     raise ValueError(f"unknown KL kind {kind!r}; valid: {', '.join(KL_KINDS)}")
 
 
-def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv: jax.Array, mask_BT: jax.Array,
+def policy_loss(logp_BR: jax.Array, old_logp_BR: jax.Array, adv: jax.Array, mask_BR: jax.Array,
                 *, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = None,
                 agg: str = "token-mean", norm: AggNorms | None = None,
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate (asymmetric clip, optional dual clip) as verl's vanilla loss.
 
-    `adv` is [B] (one advantage per rollout) or [B, T]. Metrics: `clipfrac` (tokens where
+    `adv` is [B] (one advantage per rollout) or [B, R]. Metrics: `clipfrac` (tokens where
     the clipped term is strictly the larger), `clipfrac_lower` (tokens capped by the dual
     clip), `approx_kl` (token mean of old_logp − logp).
     """
     if norm is None:
-        norm = aggregation_norms(mask_BT, agg)
-    adv_BT = jnp.asarray(adv, jnp.float32)
-    if adv_BT.ndim == 1:
-        adv_BT = adv_BT[:, None]
-    log_ratio_BT = jnp.clip(logp_BT.astype(jnp.float32) - old_logp_BT.astype(jnp.float32),
+        norm = aggregation_norms(mask_BR, agg)
+    adv_BR = jnp.asarray(adv, jnp.float32)
+    if adv_BR.ndim == 1:
+        adv_BR = adv_BR[:, None]
+    log_ratio_BR = jnp.clip(logp_BR.astype(jnp.float32) - old_logp_BR.astype(jnp.float32),
                             -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    ratio_BT = jnp.exp(log_ratio_BT)
-    unclipped_BT = -adv_BT * ratio_BT
-    clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
-    loss_BT = jnp.maximum(unclipped_BT, clipped_BT)
-    token_mean = lambda x_BT: aggregate(x_BT, mask_BT, "token-mean", norm=norm)
-    metrics = {"clipfrac": token_mean((clipped_BT > unclipped_BT).astype(jnp.float32)),
-               "approx_kl": token_mean(-log_ratio_BT)}
+    ratio_BR = jnp.exp(log_ratio_BR)
+    unclipped_BR = -adv_BR * ratio_BR
+    clipped_BR = -adv_BR * jnp.clip(ratio_BR, 1.0 - clip_low, 1.0 + clip_high)
+    loss_BR = jnp.maximum(unclipped_BR, clipped_BR)
+    token_mean = lambda x_BR: aggregate(x_BR, mask_BR, "token-mean", norm=norm)
+    metrics = {"clipfrac": token_mean((clipped_BR > unclipped_BR).astype(jnp.float32)),
+               "approx_kl": token_mean(-log_ratio_BR)}
     if clip_c is None:
         metrics["clipfrac_lower"] = jnp.zeros((), jnp.float32)
     else:
-        cap_BT = -adv_BT * clip_c
-        negative_BT = adv_BT < 0
-        metrics["clipfrac_lower"] = token_mean((negative_BT & (loss_BT > cap_BT))
+        cap_BR = -adv_BR * clip_c
+        negative_BR = adv_BR < 0
+        metrics["clipfrac_lower"] = token_mean((negative_BR & (loss_BR > cap_BR))
                                                .astype(jnp.float32))
-        loss_BT = jnp.where(negative_BT, jnp.minimum(loss_BT, cap_BT), loss_BT)
-    return aggregate(loss_BT, mask_BT, agg, norm=norm), metrics
+        loss_BR = jnp.where(negative_BR, jnp.minimum(loss_BR, cap_BR), loss_BR)
+    return aggregate(loss_BR, mask_BR, agg, norm=norm), metrics
 
 
-def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-    """log softmax(logits)[token], float32 [B, T]; gathers one logit instead of a V-wide
+def token_logprobs(logits_BRV: jax.Array, tokens_BR: jax.Array) -> jax.Array:
+    """log softmax(logits)[token], float32 [B, R]; gathers one logit instead of a V-wide
     log-softmax."""
-    lse_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, tokens_BT[..., None].astype(jnp.int32),
+    lse_BR = jax.nn.logsumexp(logits_BRV.astype(jnp.float32), axis=-1)
+    picked_BR = jnp.take_along_axis(logits_BRV, tokens_BR[..., None].astype(jnp.int32),
                                     axis=-1)[..., 0]
-    return picked_BT.astype(jnp.float32) - lse_BT
+    return picked_BR.astype(jnp.float32) - lse_BR
 
 
-def token_entropy(logits_BTV: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits), float32 [B, T], for finite logits.
+def token_entropy(logits_BRV: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits), float32 [B, R], for finite logits.
 
     Σ_v p_v·(lse − l_v) has only non-negative terms; the upcasts sit inside one fused
     reduction, so no V-wide float32 copy is kept.
     """
-    lse_BT1 = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1, keepdims=True)
-    gap_BTV = lse_BT1 - logits_BTV.astype(jnp.float32)
-    return jnp.sum(jnp.exp(-gap_BTV) * gap_BTV, axis=-1)
+    lse_BR1 = jax.nn.logsumexp(logits_BRV.astype(jnp.float32), axis=-1, keepdims=True)
+    gap_BRV = lse_BR1 - logits_BRV.astype(jnp.float32)
+    return jnp.sum(jnp.exp(-gap_BRV) * gap_BRV, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,27 +285,27 @@ class LossConfig:
             raise ValueError("entropy_coeff and kl_coef must be ≥ 0")
 
 
-def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array | None,
-              adv_B: jax.Array, mask_BT: jax.Array, *, entropy_BT: jax.Array,
+def grpo_loss(logp_BR: jax.Array, old_logp_BR: jax.Array, ref_logp_BR: jax.Array | None,
+              adv_B: jax.Array, mask_BR: jax.Array, *, entropy_BR: jax.Array,
               config: LossConfig, norm: AggNorms | None = None,
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """loss_scale·(pg_loss − entropy_coeff·agg(entropy) [+ kl_coef·agg(kl) when
     use_kl_loss]), as verl; the metrics are unscaled.
 
-    `ref_logp_BT` may be None when use_kl_loss is off; the `kl` metric is then 0. Every
+    `ref_logp_BR` may be None when use_kl_loss is off; the `kl` metric is then 0. Every
     metric is additive over micro-batches that share the full batch's `norm`.
     """
     if norm is None:
-        norm = aggregation_norms(mask_BT, config.agg, group_rows=config.group_rows)
-    pg_loss, metrics = policy_loss(logp_BT, old_logp_BT, adv_B, mask_BT,
+        norm = aggregation_norms(mask_BR, config.agg, group_rows=config.group_rows)
+    pg_loss, metrics = policy_loss(logp_BR, old_logp_BR, adv_B, mask_BR,
                                    clip_low=config.clip_low, clip_high=config.clip_high,
                                    clip_c=config.clip_c, agg=config.agg, norm=norm)
-    entropy = aggregate(entropy_BT, mask_BT, config.agg, norm=norm)
+    entropy = aggregate(entropy_BR, mask_BR, config.agg, norm=norm)
     total = pg_loss - config.entropy_coeff * entropy
     if config.use_kl_loss:
-        if ref_logp_BT is None:
-            raise ValueError("use_kl_loss needs ref_logp_BT")
-        kl = aggregate(kl_penalty(logp_BT, ref_logp_BT, config.kl_kind), mask_BT, config.agg,
+        if ref_logp_BR is None:
+            raise ValueError("use_kl_loss needs ref_logp_BR")
+        kl = aggregate(kl_penalty(logp_BR, ref_logp_BR, config.kl_kind), mask_BR, config.agg,
                        norm=norm)
         total = total + config.kl_coef * kl
     else:

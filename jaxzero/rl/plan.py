@@ -20,12 +20,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from flax import nnx
+from jax.sharding import Mesh
 
 from jaxzero.rl import grpo
 from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.parallel.sharding import batch_sharding, bytes_per_device
+from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, bytes_per_device,
+                                       traced_under)
 from jaxzero.rl.train_step import TrainBatch, build_step_functions, make_optimizer
 
 GiB = 1024 ** 3
@@ -97,33 +99,29 @@ def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     return int(acts + logits + grads)
 
 
-def _sds(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh) -> PlanReport:
+def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                sharding: ShardingConfig = FSDP_TP) -> PlanReport:
     options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
-                           compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat)
+                           compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
+                           sharding=sharding)
     graphdef, abstract = abstract_model(config, options)
     optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
                                grad_clip=1.0)
     loss_config = grpo.LossConfig(use_kl_loss=inputs.use_kl)
     fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
                                response_len=inputs.response_len,
-                               micro_batches=inputs.micro_batches)
-    params = _sds(abstract, fns.param_shardings)
-    opt = _sds(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
-    b, length = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
-    rows = batch_sharding(mesh, 2)
-    f32 = jnp.float32
-    batch = TrainBatch(
-        jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows),
-        jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=rows),
-        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows),
-        jax.ShapeDtypeStruct((b,), f32, sharding=batch_sharding(mesh, 1)),
-        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows),
-        jax.ShapeDtypeStruct((b, inputs.response_len), f32, sharding=rows))
+                               micro_batches=inputs.micro_batches, sharding=sharding)
+    params = abstract_on(abstract, fns.param_shardings)
+    opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
+    r, f32 = inputs.response_len, jnp.float32
+    batch = abstract_on(TrainBatch(
+        tokens_BT=jax.ShapeDtypeStruct((b, t), jnp.int32),
+        valid_BT=jax.ShapeDtypeStruct((b, t), jnp.bool_),
+        response_mask_BR=jax.ShapeDtypeStruct((b, r), f32),
+        advantages_B=jax.ShapeDtypeStruct((b,), f32),
+        old_logp_BR=jax.ShapeDtypeStruct((b, r), f32),
+        ref_logp_BR=jax.ShapeDtypeStruct((b, r), f32)), fns.batch_shardings)
     stats = fns.update.lower(params, opt, batch).compile().memory_analysis()
     train_temp = int(stats.temp_size_in_bytes)
     train_peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -134,25 +132,22 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh) -> PlanRepo
     ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
     ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
 
-    # Rollouts: one decode step over the whole (or micro-) batch with its KV cache.
+    # Rollouts: one decode step over the whole (or micro-) batch with its KV cache, on the
+    # sampler's own cache shardings (`KVCache.shardings` from the same table).
     roll_b = inputs.rollout_micro_batch or b
-    slots = length
-    cache_abs = jax.eval_shape(lambda: KVCache.empty(config, roll_b, slots,
-                                                     options.compute_dtype))
-    cache_shard = KVCache(*(NamedSharding(mesh, jax.sharding.PartitionSpec(
-        None, ("data", "fsdp"))) for _ in range(2)), batch_sharding(mesh, 2),
-        NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    cache_abs = jax.eval_shape(lambda: KVCache.empty(config, roll_b, t, options.compute_dtype))
+    cache_shard = KVCache.shardings(config, mesh, sharding)
     kv_bytes = bytes_per_device(cache_abs, cache_shard)
 
-    def decode_step(p, tokens_B1, valid_B1, c):
-        from flax import nnx
-        logits, c = nnx.merge(graphdef, p)(tokens_B1, valid_B1, cache=c)
-        return jnp.argmax(logits[:, -1], -1), c
+    def decode_step(params, tokens_B1, valid_B1, cache):
+        logits_B1V, cache = nnx.merge(graphdef, params)(tokens_B1, valid_B1, cache=cache)
+        return jnp.argmax(logits_B1V[:, -1], -1), cache
 
-    dec = jax.jit(decode_step, donate_argnums=(3,)).lower(
-        params, jax.ShapeDtypeStruct((roll_b, 1), jnp.int32, sharding=rows),
-        jax.ShapeDtypeStruct((roll_b, 1), jnp.bool_, sharding=rows),
-        _sds(cache_abs, cache_shard)).compile().memory_analysis()
+    rows_BT = fns.batch_shardings.tokens_BT
+    dec = jax.jit(traced_under(mesh, decode_step), donate_argnames=("cache",)).lower(
+        params, jax.ShapeDtypeStruct((roll_b, 1), jnp.int32, sharding=rows_BT),
+        jax.ShapeDtypeStruct((roll_b, 1), jnp.bool_, sharding=rows_BT),
+        abstract_on(cache_abs, cache_shard)).compile().memory_analysis()
     sampler_temp = int(dec.temp_size_in_bytes)
     activations = train_activations(config, inputs, mesh, p_bytes)
     return PlanReport(

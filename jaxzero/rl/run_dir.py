@@ -275,23 +275,26 @@ def _describe(entry: dict | None) -> str:
 def check_token_ids(records: list[dict], file: Path, vocab_size: int) -> None:
     """Refuses a prompt token id outside [0, vocab_size), naming file, line and id: the model
     would embed it silently as some other token (a gather clamps out-of-range ids)."""
-    for index, record in enumerate(records):
+    for record in records:
         bad = [t for t in record["prompt_token_ids"] if not 0 <= t < vocab_size]
         if bad:
-            raise DataError(f"{file}:{_line_of(file, index)}: prompt token id {bad[0]} is "
+            raise DataError(f"{file}:{_line_of(file, record['id'])}: prompt token id {bad[0]} is "
                             f"outside the model's vocabulary (ids 0 to {vocab_size - 1}); "
                             "was it prepared with another model's tokenizer? Re-run "
                             "`jaxzero prepare-data` with this model's tokenizer")
 
 
-def _line_of(file: Path, index: int) -> int:
-    """The line of the `index`-th record of a JSONL file (blank lines hold no record)."""
-    seen = -1
+def _line_of(file: Path, record_id: str) -> int | str:
+    """The line of the record with this id in a JSONL file (records may have been dropped
+    since, so their position says nothing); '?' when it is not found."""
     for number, raw in enumerate(Path(file).read_bytes().split(b"\n"), start=1):
-        seen += bool(raw.strip())
-        if seen == index:
-            return number
-    raise ValueError(f"{file} has no record {index}")
+        if raw.strip():
+            try:
+                if json.loads(raw).get("id") == record_id:
+                    return number
+            except (ValueError, AttributeError):
+                continue
+    return "?"
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -1,5 +1,10 @@
-"""Builds a run's pieces from its config: run directory, data, model, mesh, jitted steps,
-sampler, checkpoints and logs. The trainer loop only uses what this hands it."""
+"""Builds a run from its config: run directory, task, model, mesh, jitted steps, sampler,
+checkpoints and logs, as three typed pieces the trainer loop passes around explicitly.
+
+`Engine` is the static wiring of a GRPO step, `RunFiles` where the run writes, `TrainState`
+what a step changes. The task (records, reward, eval) comes from a `TaskFactory`; nothing here
+knows what the task is.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxzero.config import schema as config_lib
 from jaxzero.parallel import distributed
@@ -24,44 +30,65 @@ from jaxzero.monitor.writer import MetricsWriter
 from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.rl.rollout import RewardWorker
+from jaxzero.rl.task import Task, TaskFactory
 from jaxzero.model.sampler import Sampler
-from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
-from jaxzero.rl.train_step import (build_step_functions, init_opt_state, lr_schedule,
-                                make_optimizer)
+from jaxzero.parallel.sharding import abstract_on, batch_sharding, make_mesh, put_global
+from jaxzero.rl.train_step import (StepFunctions, build_step_functions, init_opt_state,
+                                   lr_schedule, make_optimizer)
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything one training run holds; mutable only in params, opt_state and loader."""
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """The static wiring of a GRPO step: built once by `setup_run`, never written."""
 
-    cfg: Any
-    run_dir: Path
-    tokenizer: Any
-    model_config: Qwen2Config
-    mesh: Any
-    graphdef: Any
-    fns: Any
-    params: Any
-    opt_state: Any
-    ref_params: Any
+    cfg: config_lib.RunConfig
+    mesh: Mesh
+    fns: StepFunctions
     sampler: Sampler
-    loader: PromptLoader
-    train_records: list[dict]
-    test_records: list[dict]
-    writer: MetricsWriter
-    store: CheckpointStore
+    task: Task
     reward_worker: RewardWorker
-    reward_kwargs: dict
+    ref_params: Any            # the frozen reference policy; None without a KL loss
     base_key: jax.Array
-    start_step: int
-    total_steps: int
+    pad_id: int
     lr_at: Callable[[int], float]
-    claim: run_dir_lib.RunDir  # the run directory, locked until close
-    last_texts: tuple = ()
 
     @functools.cached_property
     def record_index(self) -> dict[str, int]:
-        return {r["id"]: i for i, r in enumerate(self.train_records)}
+        """Training record ids -> positions (processes exchange batches as indices)."""
+        return {r["id"]: i for i, r in enumerate(self.task.train_records)}
+
+    def to_rows(self, host: np.ndarray, ndim: int = 2):
+        """A batch-leading host array onto the (data, fsdp) axes."""
+        return put_global(host, batch_sharding(self.mesh, ndim))
+
+    def greedy(self, params, prompts):
+        return self.sampler.generate(params, prompts, key=jax.random.key(0), n=1,
+                                     temperature=0.0, top_p=1.0, top_k=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a step changes. Steps return a new one; the loader advances in place (its
+    position is saved with each checkpoint)."""
+
+    params: Any
+    opt_state: Any
+    loader: PromptLoader
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFiles:
+    """Where a run writes: its directory, TensorBoard, checkpoints; and what they record."""
+
+    cfg: config_lib.RunConfig
+    run_dir: Path
+    model_config: Qwen2Config
+    writer: MetricsWriter
+    store: CheckpointStore
+    total_steps: int
+    # The run directory, locked until close_run; None for a run wired by hand (tests).
+    claim: run_dir_lib.RunDir | None = None
 
     @property
     def tb_dir(self) -> Path:
@@ -71,68 +98,16 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def to_rows(self, host: np.ndarray, ndim: int = 2):
-        """A batch-leading host array onto the (data, fsdp) axes."""
-        return put_global(host, batch_sharding(self.mesh, ndim))
-
-    def sample(self, params, prompts, **kwargs):
-        return self.sampler.generate(params, prompts, **kwargs)
-
-    def greedy(self, params, prompts):
-        return self.sampler.generate(params, prompts, key=jax.random.key(0), n=1,
-                                     temperature=0.0, top_p=1.0, top_k=0)
-
     def last_good_checkpoint(self) -> str:
         step = self.store.latest_step()
         return f"{self.ckpt_dir}/{step}" if step is not None else "(none saved yet)"
 
-    def export_hf(self, out_dir: str, log=print) -> None:
+    def export_hf(self, params, out_dir: str, log=print) -> None:
         from jaxzero.io.hf import export_hf
-        export_hf(self.params, self.model_config, out_dir,
+        export_hf(params, self.model_config, out_dir,
                   dtype=self.cfg.model.param_dtype, tokenizer_src=self.run_dir / "tokenizer")
         if distributed.is_main_process():
             log(f"exported HF model to {out_dir}")
-
-    def close(self) -> None:
-        self.store.wait()
-        self.store.close()
-        self.reward_worker.close()
-        self.writer.close()
-        self.claim.close()
-
-
-def _load_data(cfg, run_dir: Path, tokenizer):
-    from jaxzero.diagnosis.rarearena import prepare_data
-    train_file, test_file = cfg.data.train_file, cfg.data.test_file
-    if train_file is None:  # the demo (config validation guarantees it)
-        from jaxzero.diagnosis.demo_data import demo_cases_path
-        out = run_dir / "data"
-        if distributed.is_main_process() and not (out / "train.jsonl").exists():
-            prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
-                         max_prompt_length=cfg.data.max_prompt_length, force=True)
-        _sync("demo data")
-        train_file, test_file = out / "train.jsonl", out / "test.jsonl"
-    train = _with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
-    test = _with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
-        if test_file else []
-    files = {"train": Path(train_file), "test": Path(test_file) if test_file else None}
-    return train, test, files
-
-
-def _with_token_ids(path, tokenizer, max_len):
-    """Prepared records, tokenized here if prepared without a tokenizer; prompts over max_len
-    are dropped and counted, as DiagnosisZero drops them."""
-    from jaxzero.diagnosis.rarearena import read_prepared, with_prompt_ids
-    records, dropped = with_prompt_ids(read_prepared(path), tokenizer, max_len, source=path)
-    if dropped and distributed.is_main_process():
-        print(f"{path}: dropped {dropped} prompts over data.max_prompt_length={max_len} tokens")
-    return records
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def _model_and_tokenizer(cfg, run_dir: Path):
@@ -146,128 +121,173 @@ def _model_and_tokenizer(cfg, run_dir: Path):
     return identity
 
 
-def setup_run(cfg, *, resume: bool, overwrite: bool, log=print) -> Run:
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # fail fast on a bad mesh
+def validate(cfg) -> Mesh:
+    """Checks what the config cannot check alone (it depends on the processes and devices);
+    returns the mesh, built first so a bad mesh fails before anything is written."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if cfg.data.prompts_per_step % jax.process_count():
+        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} (the global "
+                          f"batch) does not divide over {jax.process_count()} processes")
+    return mesh
+
+
+# LossConfig fields named differently in the config's grpo section; every other field has
+# the same name in both, so a field added to LossConfig is read from the config or fails here.
+_LOSS_FIELDS_IN_CONFIG = {"agg": "loss_agg", "group_rows": "seed_micro_batch_rows"}
+
+
+def loss_config(grpo_cfg: config_lib.GRPOConfig) -> grpo.LossConfig:
+    """The loss's static hyperparameters, read from the config's grpo section."""
+    return grpo.LossConfig(**{f.name: getattr(grpo_cfg, _LOSS_FIELDS_IN_CONFIG.get(f.name, f.name))
+                              for f in dataclasses.fields(grpo.LossConfig)})
+
+
+def make_loader(cfg, records) -> PromptLoader:
+    """data.prompts_per_step is the global batch; each process reads its own share of it."""
+    return PromptLoader(records, batch_size=cfg.data.prompts_per_step // jax.process_count(),
+                        seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                        num_epochs=cfg.trainer.total_epochs,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def total_steps(cfg, loader: PromptLoader) -> int:
+    # trainer.seed_step_count: the seed runs T - 1 updates, then a final validation.
+    steps = loader.batches_per_epoch * cfg.trainer.total_epochs - cfg.trainer.seed_step_count
+    return steps if cfg.trainer.max_steps is None else min(steps, cfg.trainer.max_steps)
+
+
+def optimizer_and_schedule(optim: config_lib.OptimConfig, steps: int):
+    schedule = lr_schedule(optim.schedule, optim.lr, optim.warmup_steps, steps)
+    optimizer = make_optimizer(lr=schedule, weight_decay=optim.weight_decay, b1=optim.b1,
+                               b2=optim.b2, eps=optim.eps, grad_clip=optim.grad_clip)
+    return optimizer, schedule
+
+
+def build_sampler(cfg, graphdef, model_config: Qwen2Config, mesh: Mesh, *,
+                  stop_ids, pad_id: int) -> Sampler:
+    """The rollout sampler. rollout.micro_batch counts sequences (prompts × n), as the
+    planner and the config do; the sampler is handed it as whole prompts per call."""
+    per_call = None if cfg.rollout.micro_batch is None else cfg.rollout.micro_batch // cfg.rollout.n
+    return Sampler(graphdef, model_config, mesh=mesh, max_new_tokens=cfg.rollout.max_new_tokens,
+                   buckets=tuple(cfg.data.prompt_buckets), stop_ids=tuple(stop_ids),
+                   pad_id=pad_id, cache_dtype=cfg.rollout.cache_dtype,
+                   max_prompts_per_call=per_call)
+
+
+def _resumed(store, abstract_arrays, model_config, loader, log):
+    latest, arrays, meta = _restore_newest(store, abstract_arrays, log)
+    _check_model_config(meta, model_config, store.directory)
+    loader.set_state(meta["data_state"])
+    log(f"resuming from {store.directory}/{latest} (step {int(meta['step'])})")
+    return arrays["params"], arrays["opt_state"], int(meta["step"])
+
+
+def _fresh(cfg, task: Task, graphdef, model_config, options, abstract, fns, optimizer, mesh,
+           log):
+    params = _initial_params(cfg, model_config, options, abstract, fns.param_shardings, log)
+    if task.warmup is not None:
+        params = task.warmup(graphdef, params, mesh, log)
+    return params, init_opt_state(optimizer, params, fns.opt_shardings)
+
+
+def setup_run(cfg, make_task: TaskFactory, *, resume: bool, overwrite: bool, log=print
+              ) -> tuple[Engine, RunFiles, TrainState]:
+    """The run's three pieces. The run directory is claimed (locked) first and released if
+    setup fails; its identity (config.yaml, run.json) is written only once setup succeeded."""
+    mesh = validate(cfg)
     claim = run_dir_lib.open_run_dir(cfg, resume=resume, overwrite=overwrite,
                                      main=distributed.is_main_process())
     try:
-        return _build_run(cfg, claim, mesh, resume=resume, log=log)
+        return _build_run(cfg, make_task, claim, mesh, resume=resume, log=log)
     except BaseException:
         claim.close()
         raise
 
 
-def _build_run(cfg, claim: run_dir_lib.RunDir, mesh, *, resume: bool, log) -> Run:
+def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mesh, *,
+               resume: bool, log) -> tuple[Engine, RunFiles, TrainState]:
     run_dir = claim.path
-    _sync("run dir")
+    distributed.sync("run dir")
     identity = _model_and_tokenizer(cfg, run_dir)
     model_config, tokenizer = identity.config, identity.tokenizer
     if distributed.is_main_process():
         from jaxzero.io.identity import write_model_config
         write_model_config(run_dir, model_config, cfg.model.param_dtype)
-    train_records, test_records, data_files = _load_data(cfg, run_dir, tokenizer)
-    data_fingerprint = claim.check_data(data_files)
-    for name, records in (("train", train_records), ("test", test_records)):
-        if data_files[name] is not None:
-            run_dir_lib.check_token_ids(records, data_files[name], model_config.vocab_size)
+    task = make_task(cfg, run_dir, tokenizer)
+    data_fingerprint = claim.check_data(task.sources)
+    for name, records in (("train", task.train_records), ("test", task.test_records)):
+        if task.sources.get(name) is not None:
+            run_dir_lib.check_token_ids(records, task.sources[name], model_config.vocab_size)
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
                            remat=cfg.model.remat == "block")
     graphdef, abstract = abstract_model(model_config, options)
-    if cfg.data.prompts_per_step % jax.process_count():
-        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} does not divide "
-                          f"over {jax.process_count()} processes")
-    # prompts_per_step is the global batch; each process reads its own share of it.
-    loader = PromptLoader(train_records,
-                          batch_size=cfg.data.prompts_per_step // jax.process_count(),
-                          seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                          num_epochs=cfg.trainer.total_epochs,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    steps_per_epoch = loader.batches_per_epoch
-    total_steps = steps_per_epoch * cfg.trainer.total_epochs - cfg.trainer.seed_step_count
-    if cfg.trainer.max_steps is not None:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
-    o = cfg.optim
-    schedule = lr_schedule(o.schedule, o.lr, o.warmup_steps, total_steps)
-    optimizer = make_optimizer(lr=schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                               eps=o.eps, grad_clip=o.grad_clip)
-    g = cfg.grpo
-    loss_config = grpo.LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c,
-                                  agg=g.loss_agg, entropy_coeff=g.entropy_coeff,
-                                  use_kl_loss=g.use_kl_loss, kl_coef=g.kl_coef,
-                                  kl_kind=g.kl_kind, group_rows=g.seed_micro_batch_rows,
-                                  loss_scale=g.loss_scale)
-    fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
+    loader = make_loader(cfg, task.train_records)
+    steps = total_steps(cfg, loader)
+    optimizer, schedule = optimizer_and_schedule(cfg.optim, steps)
+    fns = build_step_functions(graphdef, abstract, optimizer, loss_config(cfg.grpo), mesh,
                                response_len=cfg.rollout.max_new_tokens,
-                               micro_batches=g.micro_batches, logit_chunk=g.logit_chunk,
+                               micro_batches=cfg.grpo.micro_batches,
+                               logit_chunk=cfg.grpo.logit_chunk,
                                temperature=cfg.rollout.temperature)
+    for line in fns.replicated:  # listed once: what the mesh cannot shard as the table asks
+        log(f"sharding: {line}")
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
     ref_store = CheckpointStore(run_dir / "reference", keep=1)
     latest = store.latest_step()
     if resume and latest is None:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-
-    abstract_opt = jax.eval_shape(optimizer.init, abstract)
     abstract_arrays = {
-        "params": _abstract_on(abstract, fns.param_shardings),
-        "opt_state": _abstract_on(abstract_opt, fns.opt_shardings),
+        "params": abstract_on(abstract, fns.param_shardings),
+        "opt_state": abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings),
     }
-    base_key = jax.random.key(cfg.trainer.seed)
     if latest is not None:
-        latest, arrays, meta = _restore_newest(store, abstract_arrays, log)
-        _check_model_config(meta, model_config, store.directory)
-        params, opt_state = arrays["params"], arrays["opt_state"]
-        loader.set_state(meta["data_state"])
-        start_step = int(meta["step"])
-        log(f"resuming from {store.directory}/{latest} (step {start_step})")
+        params, opt_state, start_step = _resumed(store, abstract_arrays, model_config, loader,
+                                                 log)
     else:
-        params = _initial_params(cfg, model_config, options, abstract, fns.param_shardings,
-                                 log)
-        if cfg.model.demo and cfg.demo.warmup_steps:
-            from jaxzero.diagnosis.demo import run_format_warmup
-            diagnoses = sorted({r["labels"][-1] for r in train_records})  # Orphanet names
-            params, _ = run_format_warmup(
-                graphdef, params, mesh, records=train_records, tokenizer=tokenizer,
-                diagnoses=diagnoses, steps=cfg.demo.warmup_steps, lr=cfg.demo.warmup_lr,
-                batch_size=cfg.demo.warmup_batch,
-                correct_fraction=cfg.demo.warmup_correct_fraction,
-                prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
-                logit_chunk=cfg.grpo.logit_chunk, seed=cfg.trainer.seed, log=log)
-        opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
+        params, opt_state = _fresh(cfg, task, graphdef, model_config, options, abstract, fns,
+                                   optimizer, mesh, log)
         start_step = 0
     ref_params = None
     if cfg.grpo.use_kl_loss:
         ref_params = _reference(cfg, params if latest is None else None, ref_store,
                                 abstract_arrays["params"], model_config, options, log)
-    sampler = Sampler(graphdef, model_config, mesh=mesh,
-                      max_new_tokens=cfg.rollout.max_new_tokens,
-                      buckets=tuple(cfg.data.prompt_buckets),
-                      stop_ids=identity.stop_ids, pad_id=identity.pad_id)
-    r = cfg.reward
-    reward_kwargs = dict(mode=r.mode, format_score=r.format_score, score=r.score,
-                         threshold=r.threshold, matcher=r.matcher)
+    pad_id = identity.pad_id
+    sampler = build_sampler(cfg, graphdef, model_config, mesh, stop_ids=identity.stop_ids,
+                            pad_id=pad_id)
     writer = MetricsWriter(run_dir / "tb")
     if start_step == 0:
         writer.hparams(config_lib.flatten(cfg))
     if distributed.is_main_process():
         claim.commit(cfg, data_fingerprint)  # the run's identity, once setup has succeeded
-    return Run(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model_config=model_config,
-               mesh=mesh, graphdef=graphdef, fns=fns, params=params, opt_state=opt_state,
-               ref_params=ref_params, sampler=sampler, loader=loader,
-               train_records=train_records, test_records=test_records, writer=writer, store=store,
-               reward_worker=RewardWorker(tokenizer, reward_kwargs),
-               reward_kwargs=reward_kwargs, base_key=base_key, start_step=start_step,
-               total_steps=total_steps, lr_at=lambda s: float(schedule(s)), claim=claim)
+    engine = Engine(cfg=cfg, mesh=mesh, fns=fns, sampler=sampler, task=task,
+                    reward_worker=RewardWorker(task), ref_params=ref_params,
+                    base_key=jax.random.key(cfg.trainer.seed), pad_id=pad_id,
+                    lr_at=lambda s: float(schedule(s)))
+    files = RunFiles(cfg=cfg, run_dir=run_dir, model_config=model_config, writer=writer,
+                     store=store, total_steps=steps, claim=claim)
+    return engine, files, TrainState(params, opt_state, loader, start_step)
 
 
-def save_checkpoint(run: Run, step: int, *, log=print, force: bool = False) -> None:
+def close_run(engine: Engine, files: RunFiles) -> None:
+    files.store.wait()
+    files.store.close()
+    engine.reward_worker.close()
+    files.writer.close()
+    if files.claim is not None:
+        files.claim.close()
+
+
+def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool = False
+                    ) -> None:
+    step = state.step
     if run.store.latest_step() == step:
         return  # already saved (the end of a run that stopped on a save step)
-    meta = {"step": step, "data_state": run.loader.get_state(),
+    meta = {"step": step, "data_state": state.loader.get_state(),
             "config": config_lib.config_to_dict(run.cfg),
             "model_config": run.model_config.to_dict()}
-    saved = run.store.save(step, _pure({"params": run.params, "opt_state": run.opt_state}),
+    saved = run.store.save(step, _pure({"params": state.params, "opt_state": state.opt_state}),
                            meta, force=force)
     if saved and distributed.is_main_process():
         log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}")
@@ -294,11 +314,6 @@ def _restore_newest(store: CheckpointStore, abstract_tree, log):
         log(f"skipped checkpoint {store.directory / str(bad)}: {why}; moved it to {moved}")
     arrays = jax.tree.unflatten(jax.tree.structure(abstract_tree), jax.tree.leaves(arrays))
     return step, arrays, meta
-
-
-def _abstract_on(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
 
 
 def _check_model_config(meta: dict, model_config: Qwen2Config, where) -> None:
@@ -351,3 +366,4 @@ def _reference(cfg, initial_params, ref_store, abstract_params, model_config, op
         return arrays["params"]
     return to_compute(_initial_params(cfg, model_config, options, abstract_params, shardings,
                                       log))
+

@@ -1,4 +1,7 @@
-"""The jitted pieces of a GRPO step: completion log-probs and the sharded, donated update."""
+"""The jitted pieces of a GRPO step: completion log-probs and the sharded, donated update.
+
+Shapes as in `jaxzero.model.qwen2`: B rows, T = prompt bucket + R response slots.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +15,22 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxzero.rl import grpo
-from jaxzero.parallel.sharding import batch_sharding, follow_params, param_shardings, replicated
+from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, follow_params,
+                                       param_shardings, replicated, traced_under, undivided)
 
 
 class TrainBatch(NamedTuple):
-    """One GRPO batch of B = prompts × n rollouts. L = P prompt slots + R response slots."""
+    """One GRPO batch of B = P prompts × G rollouts; T = prompt bucket + R response slots."""
 
-    tokens_BL: jax.Array          # int32, prompt left-padded to P, then the response
-    valid_BL: jax.Array           # bool, real tokens (prompt padding and post-stop are False)
+    tokens_BT: jax.Array          # int32, prompt left-padded to its bucket, then the response
+    valid_BT: jax.Array           # bool, real tokens (prompt padding and post-stop are False)
     response_mask_BR: jax.Array   # float32, response tokens that enter the loss
     advantages_B: jax.Array       # float32
     old_logp_BR: jax.Array        # float32, log-probs under the rollout policy
     ref_logp_BR: jax.Array        # float32, log-probs under the frozen reference
 
 
-def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
+def completion_logprobs(model, tokens_BT, valid_BT, response_len: int, *,
                         with_entropy: bool = False, chunk: int = 128,
                         temperature: float = 1.0):
     """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes,
@@ -38,10 +42,10 @@ def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    h_BLD, _ = model.hidden_states(tokens_BL, valid_BL)
-    b, length = tokens_BL.shape
-    h_BRD = h_BLD[:, length - response_len - 1: length - 1]
-    targets_BR = tokens_BL[:, length - response_len:]
+    h_BTD, _ = model.hidden_states(tokens_BT, valid_BT)
+    b, length = tokens_BT.shape
+    h_BRD = h_BTD[:, length - response_len - 1: length - 1]
+    targets_BR = tokens_BT[:, length - response_len:]
     w_VD = model.lm_head_weight().astype(model.options.compute_dtype)
     chunk = min(chunk, response_len)
     pad = -response_len % chunk
@@ -49,22 +53,22 @@ def completion_logprobs(model, tokens_BL, valid_BL, response_len: int, *,
         h_BRD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
         targets_BR = jnp.pad(targets_BR, ((0, 0), (0, pad)))
     n_chunks = h_BRD.shape[1] // chunk
-    h_CBcD = h_BRD.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
-    t_CBc = targets_BR.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    h_CBWD = h_BRD.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
+    t_CBW = targets_BR.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(args):
-        h_BcD, t_Bc = args
-        logits_BcV = jnp.einsum("BCD,VD->BCV", h_BcD, w_VD, preferred_element_type=jnp.float32)
+        h_BWD, t_BW = args
+        logits_BWV = jnp.einsum("BWD,VD->BWV", h_BWD, w_VD, preferred_element_type=jnp.float32)
         if temperature != 1.0:
-            logits_BcV = logits_BcV / temperature
-        logp = grpo.token_logprobs(logits_BcV, t_Bc)
-        ent = grpo.token_entropy(logits_BcV) if with_entropy else jnp.zeros_like(logp)
-        return logp, ent
+            logits_BWV = logits_BWV / temperature
+        logp_BW = grpo.token_logprobs(logits_BWV, t_BW)
+        ent_BW = grpo.token_entropy(logits_BWV) if with_entropy else jnp.zeros_like(logp_BW)
+        return logp_BW, ent_BW
 
-    logp_CBc, ent_CBc = jax.lax.map(one_chunk, (h_CBcD, t_CBc))
-    logp_BR = logp_CBc.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
-    ent_BR = ent_CBc.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    logp_CBW, ent_CBW = jax.lax.map(one_chunk, (h_CBWD, t_CBW))
+    logp_BR = logp_CBW.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    ent_BR = ent_CBW.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
     return logp_BR, ent_BR
 
 
@@ -111,35 +115,49 @@ def _micro_split(x, m: int):
 class StepFunctions:
     """The jitted functions of a run, compiled with explicit shardings over one mesh."""
 
-    logprobs: Callable     # (params, tokens_BL, valid_BL) -> logp_BR
+    logprobs: Callable     # (params, tokens_BT, valid_BT) -> logp_BR
     update: Callable       # (params, opt_state, batch) -> (params, opt_state, metrics)
     param_shardings: object
     opt_shardings: object
+    batch_shardings: TrainBatch
+    # What the table asks to shard but the shapes replicate (`sharding.undivided`), for the
+    # start-up log; empty when everything shards as asked.
+    replicated: tuple[str, ...]
 
 
 def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTransformation,
                          loss_config: grpo.LossConfig, mesh: Mesh, *, response_len: int,
                          micro_batches: int = 1, logit_chunk: int = 128,
-                         temperature: float = 1.0) -> StepFunctions:
-    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`.
+                         temperature: float = 1.0,
+                         sharding: ShardingConfig = FSDP_TP) -> StepFunctions:
+    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`, all
+    from the `sharding` table, which must be the one the model's options constrain with.
+    Both trace under the mesh, so the model's activation constraints bind.
 
     `temperature` is the rollouts': both passes score softmax(logits / temperature).
     """
-    p_shard = param_shardings(abstract_params, mesh)
+    p_shard = param_shardings(abstract_params, mesh, sharding)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    o_shard = follow_params(abstract_opt, abstract_params, mesh)
-    row2 = batch_sharding(mesh, 2)
-    batch_shard = TrainBatch(row2, row2, row2, batch_sharding(mesh, 1), row2, row2)
+    o_shard = follow_params(abstract_opt, abstract_params, mesh, sharding)
+    rows_BT, rows_B = batch_sharding(mesh, 2, sharding), batch_sharding(mesh, 1, sharding)
+    batch_shard = TrainBatch(tokens_BT=rows_BT, valid_BT=rows_BT, response_mask_BR=rows_BT,
+                             advantages_B=rows_B, old_logp_BR=rows_BT, ref_logp_BR=rows_BT)
 
-    def logprobs(params, tokens_BL, valid_BL):
+    def merge(params):
         model = nnx.merge(graphdef, params)
-        logp_BR, _ = completion_logprobs(model, tokens_BL, valid_BL, response_len,
+        if model.options.sharding != sharding:
+            raise ValueError("the model's ModelOptions.sharding is not the table the step "
+                             "functions were built with; pass the same ShardingConfig to both")
+        return model
+
+    def logprobs(params, tokens_BT, valid_BT):
+        logp_BR, _ = completion_logprobs(merge(params), tokens_BT, valid_BT, response_len,
                                          chunk=logit_chunk, temperature=temperature)
         return logp_BR
 
     def loss_fn(params, mb: TrainBatch, norm):
-        model = nnx.merge(graphdef, params)
-        logp_BR, ent_BR = completion_logprobs(model, mb.tokens_BL, mb.valid_BL, response_len,
+        model = merge(params)
+        logp_BR, ent_BR = completion_logprobs(model, mb.tokens_BT, mb.valid_BT, response_len,
                                               with_entropy=True, chunk=logit_chunk,
                                               temperature=temperature)
         if loss_config.entropy_coeff == 0.0:
@@ -147,7 +165,7 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
             # no bonus it needs no gradient: the backward pass skips it.
             ent_BR = jax.lax.stop_gradient(ent_BR)
         return grpo.grpo_loss(logp_BR, mb.old_logp_BR, mb.ref_logp_BR, mb.advantages_B,
-                              mb.response_mask_BR, entropy_BT=ent_BR, config=loss_config,
+                              mb.response_mask_BR, entropy_BR=ent_BR, config=loss_config,
                               norm=norm)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -191,12 +209,18 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     # params and opt_state are donated: the update writes the new ones into the same buffers,
-    # so a step never holds two copies of the model and its Adam moments.
-    update_jit = jax.jit(update, in_shardings=(p_shard, o_shard, batch_shard),
+    # so a step never holds two copies of the model and its Adam moments. in_shardings follow
+    # the (params, opt_state, batch) arguments; there are no static ones to shift them.
+    update_jit = jax.jit(traced_under(mesh, update),
+                         in_shardings=(p_shard, o_shard, batch_shard),
                          out_shardings=(p_shard, o_shard, replicated(mesh)),
-                         donate_argnums=(0, 1))
-    logprobs_jit = jax.jit(logprobs, in_shardings=(p_shard, row2, row2), out_shardings=row2)
-    return StepFunctions(logprobs_jit, update_jit, p_shard, o_shard)
+                         donate_argnames=("params", "opt_state"))
+    logprobs_jit = jax.jit(traced_under(mesh, logprobs),
+                           in_shardings=(p_shard, rows_BT, rows_BT), out_shardings=rows_BT)
+    return StepFunctions(
+        logprobs=logprobs_jit, update=update_jit, param_shardings=p_shard, opt_shardings=o_shard,
+        batch_shardings=batch_shard,
+        replicated=tuple(undivided(abstract_params, mesh, sharding, opt_state=abstract_opt)))
 
 
 def init_opt_state(optimizer, params, opt_shardings):

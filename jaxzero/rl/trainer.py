@@ -1,33 +1,48 @@
-"""The GRPO loop: rollouts, rewards, reference log-probs, updates, evals and checkpoints.
+"""The GRPO loop: sample, score, select, assemble, log-prob passes, update, metrics.
 
-The loop only orchestrates; the math lives in grpo.py, the jitted pieces in train_step.py and
-sampler.py, and the run's pieces (model, data, checkpoints) are built by run_setup.py.
+The loop only orchestrates: the math is in grpo.py, the jitted pieces in train_step.py and
+the sampler, the host-side batch in rollout.py, and everything about the task (records,
+reward, eval) behind the Task seam (task.py). Device work is never waited on for metrics:
+step N's metrics come to the host after step N+1's rollouts are dispatched (as nanodo's
+train.py does), except where the host needs them anyway (an eval, a save, the end).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
+from concurrent.futures import Future
+from typing import Any
 
 import jax
 import numpy as np
 
-from jaxzero.parallel import distributed
 from jaxzero.errors import JaxzeroError
-from jaxzero.diagnosis.evaluate import evaluate_records
-from jaxzero.monitor.writer import console_line, samples_markdown
-from jaxzero.rl import grpo
-from jaxzero.rl.rollout import advantages, response_mask, rollout_metrics
-from jaxzero.rl.setup import Run, save_checkpoint, setup_run
+from jaxzero.monitor.writer import Console, samples_markdown
+from jaxzero.parallel import distributed
 from jaxzero.parallel.sharding import to_host
+from jaxzero.rl import grpo
+from jaxzero.rl.rollout import (Candidates, HostBatch, all_groups, assemble_batch,
+                                group_spread, rollout_metrics, select_groups, sequences,
+                                training_samples)
+from jaxzero.rl.setup import (Engine, RunFiles, TrainState, close_run, save_checkpoint,
+                              setup_run)
+from jaxzero.rl.task import Record, Sample, TaskFactory
 from jaxzero.rl.train_step import TrainBatch
 
 
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT before the loop runs (setup, the demo warm-up): nothing to save yet."""
+
+
 class _StopSignal:
-    """SIGTERM/SIGINT (preemption) ask the loop to finish the step, save and exit cleanly."""
+    """SIGTERM/SIGINT (preemption). During setup they interrupt at once (StopRequested);
+    once the loop runs they only ask it to finish the step, save and exit cleanly."""
 
     def __init__(self):
         self.received: str | None = None
+        self.interrupt = True
         self._previous = {}
 
     def __enter__(self):
@@ -37,201 +52,389 @@ class _StopSignal:
 
     def _handle(self, signum, _frame):
         self.received = signal.Signals(signum).name
+        if self.interrupt:
+            raise StopRequested(self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _global_batch(run: Run, records: list[dict]) -> list[dict]:
-    """Every process's prompts, in process order: the sampler's batch is global, and every
-    process must hand it the same values (each computes only its own devices' rows)."""
+# ---------------------------------------------------------------------------- one step
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """One batch of prompts whose sampling has been dispatched (device arrays)."""
+
+    records: list[Record]
+    out: Any          # SampleOutput on the devices
+    started: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """A finished step whose update metrics may still be on the devices."""
+
+    step: int
+    started: float
+    device_metrics: list[dict]        # one per update pass, not yet fetched
+    host_metrics: dict[str, float]
+    generated_tokens: float
+    samples: tuple[Sample, ...]
+
+
+def step_key(engine: Engine, step: int, draw: int) -> jax.Array:
+    """The sampling key of a step's `draw`-th batch (0, then DAPO refills): resumable."""
+    return jax.random.fold_in(jax.random.fold_in(engine.base_key, step), draw)
+
+
+def next_prompts(engine: Engine, state: TrainState) -> list[Record]:
+    """The next global batch of prompts, in process order: every process hands the sampler
+    the same values (each computes only its own devices' rows). StopIteration at the end."""
+    records = next(state.loader)
     if jax.process_count() == 1:
         return records
     from jax.experimental import multihost_utils
-    local = np.array([run.record_index[r["id"]] for r in records], np.int64)
+    local = np.array([engine.record_index[r["id"]] for r in records], np.int64)
     every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1)
-    return [run.train_records[i] for i in every]
+    return [engine.task.train_records[i] for i in every]
 
 
-def _sample_groups(run: Run, records, key):
-    """Rollouts for one global batch of prompts: host arrays plus a pending reward future."""
-    cfg = run.cfg
-    out = run.sample(run.params, [r["prompt_token_ids"] for r in records], key=key,
-                     n=cfg.rollout.n, temperature=cfg.rollout.temperature,
-                     top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    host = jax.tree.map(to_host, out)
-    labels = [r["labels"] for r in records for _ in range(cfg.rollout.n)]
-    pending = run.reward_worker.submit(host.tokens, host.lengths, labels)
-    return host, labels, pending
+def sample(engine: Engine, state: TrainState, records: list[Record], key,
+           console: Console | None = None) -> Rollouts:
+    """Dispatches n rollouts per prompt on the current policy; returns without waiting."""
+    started = time.perf_counter()
+    prompts = [r["prompt_token_ids"] for r in records]
+    if console is not None:
+        bucket = engine.sampler.bucket_for(max(len(p) for p in prompts))
+        console.phase(("sample", bucket), f"step {state.step + 1}: rollouts (compiling the "
+                      f"sampler for prompt bucket {bucket}…)")
+    r = engine.cfg.rollout
+    out = engine.sampler.generate(state.params, prompts, key=key, n=r.n,
+                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    return Rollouts(records, out, started)
 
 
-def _select_groups(candidates, n: int, want: int):
-    """DAPO dynamic sampling: keep groups whose rewards differ, fill up to `want` groups."""
-    keep, spare = [], []
-    for c_index, (host, scored) in enumerate(candidates):
-        spread = scored.scores_B.reshape(-1, n).std(axis=1)
-        for g, s in enumerate(spread):
-            (keep if s > 0 else spare).append((c_index, g))
-    chosen = (keep + spare)[:want]
-    return chosen, len(keep)
+def score(engine: Engine, rollouts: Rollouts) -> tuple[Any, Future]:
+    """Brings the rollouts to the host (this waits for the sampler) and submits them to the
+    reward thread; returns the host arrays and the pending ScoredRollouts."""
+    host = jax.tree.map(to_host, rollouts.out)
+    n = engine.cfg.rollout.n
+    targets = [engine.task.target(r) for r in rollouts.records for _ in range(n)]
+    return host, engine.reward_worker.submit(host.tokens, host.lengths, targets)
 
 
-def grpo_step(run: Run, step: int) -> dict[str, float]:
-    """One GRPO step; returns host metrics. Raises StopIteration when the data is exhausted."""
-    cfg = run.cfg
-    n = cfg.rollout.n
-    timings = {}
-    t0 = time.perf_counter()
-    key = jax.random.fold_in(run.base_key, step)
-    records = _global_batch(run, next(run.loader))
-    host, _, pending = _sample_groups(run, records, jax.random.fold_in(key, 0))
-    jax.block_until_ready(host.tokens)
-    timings["time/rollout"] = time.perf_counter() - t0
+def on_devices(engine: Engine, tokens_BT: np.ndarray, valid_BT: np.ndarray):
+    return engine.to_rows(tokens_BT), engine.to_rows(valid_BT)
 
-    t1 = time.perf_counter()
-    scored = pending.result()
-    candidates = [(host, scored)]
-    refills = 0
-    if cfg.grpo.filter_zero_std_groups:
-        while refills < cfg.grpo.max_refill_batches and \
-                _select_groups(candidates, n, len(records))[1] < len(records):
-            refills += 1
-            more = _global_batch(run, next(run.loader))
-            h, _, p = _sample_groups(run, more, jax.random.fold_in(key, refills))
-            candidates.append((h, p.result()))
-    chosen, informative = _select_groups(candidates, n, len(records))
-    rows = [(c, g * n + i) for c, g in chosen for i in range(n)]
-    pick = lambda field: np.stack([getattr(candidates[c][0], field)[r] for c, r in rows])
-    scores_B = np.array([candidates[c][1].scores_B[r] for c, r in rows], np.float32)
-    texts = [candidates[c][1].texts[r] for c, r in rows]
-    timings["time/reward"] = time.perf_counter() - t1
 
-    tokens_BR, valid_BR, lengths_B = pick("tokens"), pick("mask"), pick("lengths")
-    truncated_B = ~pick("stopped")
-    tokens_BL = np.concatenate([pick("prompt_tokens"), tokens_BR], axis=1)
-    valid_BL = np.concatenate([pick("prompt_mask"), valid_BR], axis=1)
-    adv_B = advantages(scores_B, n, eps=cfg.grpo.adv_eps, scale_by_std=cfg.grpo.scale_by_std)
-    mask_BR = response_mask(valid_BR, truncated_B, cfg.grpo.mask_truncated)
-    sampler_logp_BR = pick("logprobs")
-    if cfg.grpo.seed_dp_ranks:  # seed-micro-token-mean: rows in the seed's micro-batches
-        order = grpo.seed_row_order(valid_BL.sum(-1), cfg.grpo.seed_dp_ranks)
-        tokens_BL, valid_BL, mask_BR, adv_B, sampler_logp_BR = (
-            x[order] for x in (tokens_BL, valid_BL, mask_BR, adv_B, sampler_logp_BR))
-
-    t2 = time.perf_counter()
-    tokens_dev, valid_dev = run.to_rows(tokens_BL), run.to_rows(valid_BL)
+def logprob_passes(engine: Engine, state: TrainState, tokens_BT, valid_BT,
+                   sampler_logp_BR: np.ndarray, console: Console | None = None):
+    """Dispatches the old-policy and reference log-prob passes; device arrays [B, R]. Neither
+    depends on the rewards."""
+    _note(console, ("logprobs", tokens_BT.shape), state,
+          f"log-prob passes (compiling for {tokens_BT.shape[1]} positions…)")
+    cfg = engine.cfg
     if cfg.grpo.use_kl_loss:
-        ref_logp = run.fns.logprobs(run.ref_params, tokens_dev, valid_dev)
+        ref = engine.fns.logprobs(engine.ref_params, tokens_BT, valid_BT)
     else:
-        ref_logp = run.to_rows(np.zeros(mask_BR.shape, np.float32))
+        ref = engine.to_rows(np.zeros(sampler_logp_BR.shape, np.float32))
     if cfg.rollout.use_sampler_logprobs:
-        old_logp = run.to_rows(sampler_logp_BR)
+        old = engine.to_rows(sampler_logp_BR)
     else:
-        old_logp = run.fns.logprobs(run.params, tokens_dev, valid_dev)
-    jax.block_until_ready((ref_logp, old_logp))
-    timings["time/reference"] = time.perf_counter() - t2
+        old = engine.fns.logprobs(state.params, tokens_BT, valid_BT)
+    return old, ref
 
-    t3 = time.perf_counter()
-    batch = TrainBatch(tokens_dev, valid_dev, run.to_rows(mask_BR), run.to_rows(adv_B, ndim=1),
-                       old_logp, ref_logp)
-    metrics_list = []
-    for _ in range(cfg.grpo.updates_per_step):
-        run.params, run.opt_state, m = run.fns.update(run.params, run.opt_state, batch)
-        metrics_list.append(m)
-    device_metrics = jax.device_get(metrics_list)
-    timings["time/update"] = time.perf_counter() - t3
-    timings["time/step"] = time.perf_counter() - t0
 
-    last = device_metrics[-1]
-    out = rollout_metrics(scores_B, lengths_B, truncated_B, n, scored.analysis,
-                          cfg.reward.score)
-    out.update({
-        "losses/pg_loss": float(last["pg_loss"]), "losses/kl": float(last["kl"]),
-        "losses/entropy": float(last["entropy"]), "losses/clipfrac": float(last["clipfrac"]),
-        "losses/approx_kl": float(last["approx_kl"]), "losses/total": float(last["loss"]),
-        "optim/grad_norm": float(last["grad_norm"]), "optim/lr": float(run.lr_at(step)),
-        "optim/skipped": float(max(m["skipped"] for m in device_metrics)),
-        "data/epoch": float(run.loader.epoch), "data/refill_batches": float(refills),
-        "data/informative_groups": float(min(informative, len(records)) / len(records)),
-    })
-    out.update(timings)
-    generated = float(lengths_B.sum())
-    out["perf/tokens_per_s"] = generated / max(timings["time/step"], 1e-9)
-    out["perf/rollout_tokens_per_s"] = generated / max(timings["time/rollout"], 1e-9)
-    run.last_texts = (texts, scores_B, [r["labels"] for r in records])
+def train_order(engine: Engine, valid_BT: np.ndarray) -> np.ndarray | None:
+    """grpo.seed_dp_ranks (seed-micro-token-mean): the update sees the rows in the seed's
+    order, balanced over its ranks by token count. That needs only the tokens, so it is known
+    before the rewards. None: the batch order."""
+    ranks = engine.cfg.grpo.seed_dp_ranks
+    return None if not ranks else grpo.seed_row_order(valid_BT.sum(-1), ranks)
+
+
+def select(engine: Engine, state: TrainState, first: Candidates, timings: dict,
+           console: Console | None = None):
+    """DAPO dynamic sampling: refills from further batches until enough groups have rewards
+    that differ (or grpo.max_refill_batches is spent). Returns (candidates, groups, how many
+    groups differed, refills)."""
+    n, want = engine.cfg.rollout.n, len(first.records)
+    candidates = [first]
+    refills = 0
+    while refills < engine.cfg.grpo.max_refill_batches and \
+            select_groups(candidates, n, want)[1] < want:
+        refills += 1
+        records = next_prompts(engine, state)
+        more = sample(engine, state, records, step_key(engine, state.step, refills), console)
+        host, pending = score(engine, more)
+        candidates.append(Candidates(host, records, _waited(pending, timings)))
+    groups, informative = select_groups(candidates, n, want)
+    return candidates, groups, informative, refills
+
+
+def assemble(engine: Engine, candidates, groups) -> HostBatch:
+    g = engine.cfg.grpo
+    return assemble_batch(candidates, groups, engine.cfg.rollout.n, pad_id=engine.pad_id,
+                          adv_eps=g.adv_eps, scale_by_std=g.scale_by_std,
+                          mask_truncated=g.mask_truncated)
+
+
+def update(engine: Engine, state: TrainState, batch: TrainBatch,
+           console: Console | None = None):
+    """grpo.updates_per_step optimiser passes (dispatched); metrics stay on the devices."""
+    _note(console, ("update", batch.tokens_BT.shape), state,
+          f"update (compiling the train step for {batch.tokens_BT.shape[1]} positions…)")
+    params, opt_state, metrics = state.params, state.opt_state, []
+    for _ in range(engine.cfg.grpo.updates_per_step):
+        params, opt_state, m = engine.fns.update(params, opt_state, batch)
+        metrics.append(m)
+    return params, opt_state, metrics
+
+
+def _waited(pending: Future, timings: dict) -> Any:
+    """The reward thread's result; adds the time blocked on it and the time it took."""
+    t = time.perf_counter()
+    result = pending.result()
+    timings["time/reward_wait"] = timings.get("time/reward_wait", 0.0) + time.perf_counter() - t
+    timings["time/reward"] = timings.get("time/reward", 0.0) + result.seconds
+    return result
+
+
+def train_on(engine: Engine, state: TrainState, first: Rollouts,
+             console: Console | None = None) -> tuple[TrainState, StepRecord]:
+    """Scores, selects and assembles `first`, runs the log-prob passes and the update;
+    returns the new state and the step's record, nothing fetched from the devices.
+
+    The reward overlaps the log-prob passes: they are dispatched on the sampled tokens before
+    the reward thread's result is awaited. With grpo.filter_zero_std_groups they cannot:
+    which rows enter the batch depends on the rewards, so the passes wait for the selection.
+    """
+    n, want = engine.cfg.rollout.n, len(first.records)
+    host, pending = score(engine, first)
+    timings = {"time/rollout": time.perf_counter() - first.started}
+    if engine.cfg.grpo.filter_zero_std_groups:
+        first_scored = Candidates(host, first.records, _waited(pending, timings))
+        candidates, groups, informative, refills = select(engine, state, first_scored,
+                                                          timings, console)
+        batch = assemble(engine, candidates, groups)
+        rows = batch.take(train_order(engine, batch.valid_BT))
+        tokens_BT, valid_BT = on_devices(engine, rows.tokens_BT, rows.valid_BT)
+        old, ref = logprob_passes(engine, state, tokens_BT, valid_BT, rows.sampler_logp_BR,
+                                  console)
+        analysis = engine.task.analyze(batch.texts)  # of the rows kept, from any batch
+    else:
+        groups = all_groups([host], n)
+        tokens_BT, valid_BT = sequences([host], groups, n, engine.pad_id)
+        order = train_order(engine, valid_BT)
+        logp_BR = host.logprobs
+        if order is not None:
+            tokens_BT, valid_BT, logp_BR = tokens_BT[order], valid_BT[order], logp_BR[order]
+        tokens_BT, valid_BT = on_devices(engine, tokens_BT, valid_BT)
+        old, ref = logprob_passes(engine, state, tokens_BT, valid_BT, logp_BR, console)
+        candidates = [Candidates(host, first.records, _waited(pending, timings))]
+        batch = assemble(engine, candidates, groups)
+        rows = batch.take(order)
+        analysis = candidates[0].scored.analysis
+        informative = int((group_spread(batch.scores_B, n) > 0).sum())
+        refills = 0
+    # `rows` is what the update sees (maybe reordered); `batch` keeps the groups contiguous
+    # for the metrics and samples.
+    train_batch = TrainBatch(tokens_BT, valid_BT, engine.to_rows(rows.response_mask_BR),
+                             engine.to_rows(rows.advantages_B, ndim=1), old, ref)
+    params, opt_state, device_metrics = update(engine, state, train_batch, console)
+
+    host_metrics = rollout_metrics(batch, n, analysis, engine.task.correct_score)
+    host_metrics.update({
+        "optim/lr": float(engine.lr_at(state.step)),
+        "data/epoch": float(state.loader.epoch), "data/refill_batches": float(refills),
+        "data/informative_groups": float(min(informative, want) / want), **timings})
+    record = StepRecord(step=state.step + 1, started=first.started,
+                        device_metrics=device_metrics, host_metrics=host_metrics,
+                        generated_tokens=float(batch.lengths_B.sum()),
+                        samples=training_samples(batch, engine.task,
+                                                 engine.cfg.trainer.eval_examples_logged))
+    return dataclasses.replace(state, params=params, opt_state=opt_state,
+                               step=state.step + 1), record
+
+
+def _note(console, key, state, what: str) -> None:
+    if console is not None:
+        console.phase(key, f"step {state.step + 1}: {what}")
+
+
+# Update metrics: the train step's name -> the logged tag. Each is the last pass's value,
+# except `skipped`, which is 1 if any pass was skipped.
+UPDATE_METRICS = {"loss": "losses/total", "pg_loss": "losses/pg_loss", "kl": "losses/kl",
+                  "entropy": "losses/entropy", "clipfrac": "losses/clipfrac",
+                  "approx_kl": "losses/approx_kl", "grad_norm": "optim/grad_norm",
+                  "skipped": "optim/skipped"}
+
+
+def step_metrics(record: StepRecord, seconds: float) -> dict[str, float]:
+    """Every metric of a step, fetched from the devices now; `seconds` is its wall time."""
+    passes = jax.device_get(record.device_metrics)
+    out = dict(record.host_metrics)
+    out.update({tag: float(passes[-1][name]) for name, tag in UPDATE_METRICS.items()})
+    out["optim/skipped"] = float(max(m["skipped"] for m in passes))
+    out["time/step"] = seconds
+    out["perf/tokens_per_s"] = record.generated_tokens / max(seconds, 1e-9)
+    out["perf/rollout_tokens_per_s"] = record.generated_tokens / max(out["time/rollout"], 1e-9)
     return out
 
 
-def _evaluate(run: Run, step: int) -> dict[str, float]:
-    cfg = run.cfg
-    result = evaluate_records(run.greedy, run.params, run.test_records, run.tokenizer,
-                              reward_kwargs=run.reward_kwargs,
-                              limit=cfg.data.eval_max_prompts)
+# ---------------------------------------------------------------------------- the loop
+
+def evaluate(engine: Engine, files: RunFiles, state: TrainState, console: Console
+             ) -> dict[str, float]:
+    """The task's eval on the held-out records; logged under eval/ and as one console line."""
+    records = engine.task.test_records[:engine.cfg.data.eval_max_prompts]
+    if not records:
+        return {}
+    console.phase("eval", f"eval @ step {state.step}: greedy generation over {len(records)} "
+                  "held-out cases (the first call compiles)…")
+    t0 = time.perf_counter()
+    result = engine.task.evaluate(engine.greedy, state.params, records)
+    seconds = time.perf_counter() - t0
     metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
-    run.writer.scalars(step, metrics)
-    k = cfg.trainer.eval_examples_logged
-    run.writer.text(step, "eval/samples", samples_markdown(
-        result.prompts[:k], result.completions[:k], result.scores[:k], result.labels[:k]))
+    files.writer.scalars(state.step, metrics)
+    files.writer.text(state.step, "eval/samples", _panel(result.samples))
+    console.eval(state.step, result.metrics, result.cases, seconds)
     return metrics
 
 
-CONSOLE_KEYS = ("reward/mean", "reward/accuracy", "format/format_ok", "response/length_mean",
-                "losses/kl", "optim/grad_norm", "time/step")
+def _panel(samples) -> str:
+    return samples_markdown([s.prompt for s in samples], [s.completion for s in samples],
+                            [s.score for s in samples], [s.target for s in samples])
 
 
-def train(cfg, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Runs (or resumes) a GRPO run; returns the last step's metrics."""
-    run = setup_run(cfg, resume=resume, overwrite=overwrite, log=log)
+class _Clock:
+    """Elapsed time and an ETA from the mean step time (the first, compiling, left out)."""
+
+    def __init__(self, start_step: int, total: int):
+        self.t0 = time.perf_counter()
+        self.start_step, self.total = start_step, total
+        self.periods: list[float] = []
+
+    def eta(self, step: int) -> float | None:
+        timed = self.periods[1:] or self.periods
+        return float(np.mean(timed)) * (self.total - step) if timed else None
+
+
+def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Console,
+             stop: _StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
+    """Steps until files.total_steps (or the data ends, or `stop` is signalled); saves and
+    exports at the end. Returns the final state and the last step's metrics."""
+    cfg = engine.cfg
+    stop = stop if stop is not None else _StopSignal()  # not entered: never signalled
+    total = files.total_steps
+    clock = _Clock(state.step, total)
     last: dict[str, float] = {}
-    rewards: list[float] = []
     skips = 0
-    step = run.start_step
-    try:
-        with _StopSignal() as stop:
-            if step == 0 and cfg.trainer.eval_every:
-                last.update(_evaluate(run, 0))
-            while step < run.total_steps:
-                try:
-                    metrics = grpo_step(run, step)
-                except StopIteration:
-                    break
-                step += 1
-                skips = skips + 1 if metrics["optim/skipped"] else 0
-                if skips >= cfg.grpo.max_consecutive_skips:
-                    save_checkpoint(run, step, log=log, force=True)
-                    raise JaxzeroError(
-                        f"{skips} consecutive updates had a non-finite loss or gradient norm; "
-                        f"stopping. The last good checkpoint is {run.last_good_checkpoint()}")
-                run.writer.scalars(step, metrics)
-                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                    metrics.update(_evaluate(run, step))  # _evaluate logs its own scalars
-                    texts, scores, labels = run.last_texts
-                    run.writer.text(step, "train/samples", samples_markdown(
-                        ["(training prompt)"] * 2, texts[:2], list(scores[:2]), labels[:2]))
-                if step % cfg.trainer.log_every == 0 and distributed.is_main_process():
-                    log(console_line(step, metrics, CONSOLE_KEYS))
-                last = metrics
-                rewards.append(metrics["reward/mean"])
-                if step % cfg.trainer.save_every == 0:
-                    save_checkpoint(run, step, log=log)
-                if stop.received:
-                    log(f"received {stop.received}: saving step {step} and exiting")
-                    break
-            if cfg.trainer.seed_step_count and cfg.trainer.eval_every and not stop.received \
-                    and step % cfg.trainer.eval_every:  # the seed's validation after training
-                last.update(_evaluate(run, step))
-            save_checkpoint(run, step, log=log, force=True)
-            if cfg.trainer.export_hf and not stop.received:
-                run.export_hf(cfg.trainer.export_hf, log=log)
-    finally:
-        run.close()
-    if distributed.is_main_process() and len(rewards) >= 4:
-        k = len(rewards) // 4
-        log(f"mean reward: first {k} steps {np.mean(rewards[:k]):.3f} -> "
-            f"last {k} steps {np.mean(rewards[-k:]):.3f}")
-    if distributed.is_main_process():
-        log(f"done at step {step}. TensorBoard: tensorboard --logdir {run.tb_dir}\n"
-            f"  checkpoints: {run.ckpt_dir}"
-            + (f"\n  HF export: {cfg.trainer.export_hf}" if cfg.trainer.export_hf else ""))
+
+    def report(record: StepRecord, now: float, with_eval: bool = False) -> dict[str, float]:
+        """Step N's metrics to the host, TensorBoard, the console and the JSON log (with the
+        eval's, when one is due: it runs here, after the step line)."""
+        nonlocal skips
+        seconds = now - record.started
+        clock.periods.append(seconds)
+        metrics = step_metrics(record, seconds)
+        skips = skips + 1 if metrics["optim/skipped"] else 0
+        if skips >= cfg.grpo.max_consecutive_skips:
+            save_checkpoint(files, state, log=console.always, force=True)
+            raise JaxzeroError(
+                f"{skips} consecutive updates had a non-finite loss or gradient norm; "
+                f"stopping. The last good checkpoint is {files.last_good_checkpoint()}")
+        files.writer.scalars(record.step, metrics)
+        shown = record.step % cfg.trainer.log_every == 0
+        if shown:
+            console.step(record.step, total, metrics, elapsed=time.perf_counter() - clock.t0,
+                         eta=clock.eta(record.step))
+        if with_eval:
+            files.writer.text(record.step, "train/samples", _panel(record.samples))
+            metrics.update(evaluate(engine, files, state, console))
+        if shown or with_eval:
+            console.record(record.step, metrics)
+        return metrics
+
+    if state.step == 0 and cfg.trainer.eval_every:
+        first_eval = evaluate(engine, files, state, console)
+        if first_eval:
+            console.record(0, first_eval)
+        last.update(first_eval)
+    pending: StepRecord | None = None
+    while state.step < total:
+        try:
+            rollouts = sample(engine, state, next_prompts(engine, state),
+                              step_key(engine, state.step, 0), console)
+        except StopIteration:
+            break
+        if pending is not None:  # step N's metrics, while the device samples step N+1
+            last = report(pending, rollouts.started)
+            pending = None
+        try:
+            state, pending = train_on(engine, state, rollouts, console)
+        except StopIteration:
+            break
+        # trainer.seed_step_count: the seed validates once more after its last update.
+        due_eval = cfg.trainer.eval_every and (
+            state.step % cfg.trainer.eval_every == 0
+            or (cfg.trainer.seed_step_count and state.step == total and not stop.received))
+        due_save = state.step % cfg.trainer.save_every == 0
+        if due_eval or due_save or stop.received or state.step == total:
+            last = report(pending, time.perf_counter(), with_eval=bool(due_eval))
+            pending = None
+        if due_save:
+            save_checkpoint(files, state, log=console.info)
+        if stop.received:
+            console.always(f"received {stop.received}: saving step {state.step} and exiting")
+            break
+    if pending is not None:
+        last = report(pending, time.perf_counter())
+    save_checkpoint(files, state, log=console.info, force=True)
+    if cfg.trainer.export_hf and not stop.received:
+        files.export_hf(state.params, cfg.trainer.export_hf, log=console.info)
+    return state, last
+
+
+def _summary(files: RunFiles, state: TrainState, console: Console) -> None:
+    """The last lines: plots, held-out accuracy before and after, where things are."""
+    cfg = files.cfg
+    lines = [f"done at step {state.step}. TensorBoard: tensorboard --logdir {files.tb_dir}",
+             f"  checkpoints: {files.ckpt_dir}"]
+    if cfg.trainer.export_hf:
+        lines.append(f"  HF export: {cfg.trainer.export_hf}")
+    if distributed.is_main_process() and any(files.tb_dir.glob("events.out.tfevents.*")):
+        from jaxzero.monitor.plots import plot_run, read_scalars
+        scalars = read_scalars(files.run_dir)
+        if state.step > 0:
+            written = plot_run(files.run_dir)
+            lines.append(f"  plots: {written[0].parent} ({', '.join(p.name for p in written)})")
+        acc = scalars.get("eval/accuracy", [])
+        if len(acc) >= 2 and acc[0][0] == 0:
+            lines.insert(0, f"held-out accuracy: before GRPO {acc[0][1]:.3f} -> after "
+                            f"{acc[-1][1]:.3f} (step {acc[-1][0]})")
+    for line in lines:
+        console.always(line)
+
+
+def train(cfg, make_task: TaskFactory, *, resume: bool = False, overwrite: bool = False,
+          log=print, quiet: bool = False, json_log=None) -> dict:
+    """Runs (or resumes) a GRPO run of the task `make_task` builds; returns the last step's
+    metrics. `json_log`, a text stream, gets one JSON object per step."""
+    console = Console(log, quiet=quiet, json_out=json_log)
+    with _StopSignal() as stop:
+        try:
+            engine, files, state = setup_run(cfg, make_task, resume=resume,
+                                             overwrite=overwrite, log=console.info)
+        except StopRequested as why:
+            console.always(f"received {why}: stopped during setup, before any training step; "
+                           "nothing to save")
+            return {}
+        stop.interrupt = False
+        try:
+            state, last = run_loop(engine, files, state, console, stop)
+        finally:
+            close_run(engine, files)
+    _summary(files, state, console)
     return last

@@ -75,3 +75,13 @@ def test_plan_prints_per_device_memory(capsys):
     for line in ("parameters", "optimizer state", "reference model", "KV cache",
                  "train activations", "XLA memory analysis", "peak"):
         assert line in out
+
+
+def test_generate_json_lines_hold_no_bare_nan():
+    import json
+    import math
+
+    from jaxzero.cli.generate import json_record
+    line = json_record(0, 1, "text", [5, 6, 7], [-0.5, math.nan, -math.inf], "stop")
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line)["logprobs"] == [-0.5, None, None]

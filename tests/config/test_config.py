@@ -11,6 +11,7 @@ from jaxzero.config.schema import (SECTIONS, DataConfig, GRPOConfig, MeshConfig,
                             diff_configs, flatten)
 from jaxzero.config.files import load_config, save_config
 from jaxzero.errors import ConfigError
+from jaxzero.parallel.sharding import resolve_mesh_shape
 
 CONFIGS = REPO / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -46,7 +47,7 @@ def test_qwen_configs_reproduce_diagnosiszero(size, mesh):
     cfg = load_config(CONFIGS / f"qwen2.5-{size.lower()}.yaml")
     assert cfg.model.path == f"Qwen/Qwen2.5-{size}-Instruct" and not cfg.model.demo
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
-    assert cfg.mesh.resolve(8) == mesh
+    assert _resolve(cfg.mesh) == mesh
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.weight_decay, cfg.optim.grad_clip) == \
         (3e-7, "constant", 0.01, 1.0)
     assert (cfg.data.prompts_per_step, cfg.rollout.n, cfg.grpo.updates_per_step) == (8, 16, 1)
@@ -84,7 +85,7 @@ def test_demo_config():
     assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (4, 32, 40)
     assert cfg.demo.warmup_steps == 150 and cfg.trainer.export_hf == "runs/demo/hf"
     assert (cfg.grpo.micro_batches, cfg.grpo.logit_chunk) == (4, 2)  # measured: 2x faster
-    assert cfg.mesh.resolve(8) == (1, 8, 1)
+    assert _resolve(cfg.mesh) == (1, 8, 1)
 
 
 def test_defaults(tmp_path):
@@ -225,15 +226,19 @@ def test_direct_construction_is_validated():
         RunConfig(model=ModelConfig(demo=True), grpo=GRPOConfig(micro_batches=5))
 
 
+def _resolve(mesh: MeshConfig, devices: int = 8):
+    return resolve_mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, devices)
+
+
 def test_mesh_resolve():
-    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
-    assert MeshConfig().resolve(8) == (1, 8, 1)
-    assert MeshConfig(data=2, fsdp=-1, tensor=2).resolve(8) == (2, 2, 2)
-    assert MeshConfig(data=-1, fsdp=4, tensor=1).resolve(8) == (2, 4, 1)
-    msg = _error(MeshConfig(data=2, fsdp=3, tensor=1).resolve, 8)
+    assert _resolve(MeshConfig(data=2, fsdp=2, tensor=2)) == (2, 2, 2)
+    assert _resolve(MeshConfig()) == (1, 8, 1)
+    assert _resolve(MeshConfig(data=2, fsdp=-1, tensor=2)) == (2, 2, 2)
+    assert _resolve(MeshConfig(data=-1, fsdp=4, tensor=1)) == (2, 4, 1)
+    msg = _error(_resolve, MeshConfig(data=2, fsdp=3, tensor=1))
     assert "mesh data=2 × fsdp=3 × tensor=1 = 6 devices, but 8 devices exist" in msg
-    assert "fsdp=-1" in msg
-    msg = _error(MeshConfig(data=3, fsdp=-1, tensor=1).resolve, 8)
+    assert "set one axis to -1" in msg
+    msg = _error(_resolve, MeshConfig(data=3, fsdp=-1, tensor=1))
     assert "take 3 devices" in msg and "8 devices" in msg
 
 
@@ -243,8 +248,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert "top level must be a mapping" in _error(load_config, _write(tmp_path, "- a\n- b\n"))
     assert "top level must be a mapping" in _error(load_config, _write(tmp_path, ""))
     assert "not valid YAML" in _error(load_config, _write(tmp_path, "model: [\n"))
-    msg = _error(load_config, _write(tmp_path, "model: {path: a}\nmodel: {path: b}\n"))
-    assert "duplicate key 'model' at line 2" in msg
+    path = _write(tmp_path, "model: {path: a}\nmodel: {path: b}\n")
+    assert _error(load_config, path).startswith(f"{path}: duplicate key 'model' at line 2")
 
 
 def test_base_inheritance(tmp_path):

@@ -433,7 +433,7 @@ def test_the_trainer_drops_long_untokenized_prompts_instead_of_keeping_their_end
         tmp_path, tokenizer):
     """Prepared without --tokenizer, then tokenized at start-up: a prompt over the limit is
     dropped and counted (as DiagnosisZero's filter drops it), never cut to its last tokens."""
-    from jaxzero.rl.setup import _with_token_ids
+    from jaxzero.diagnosis.task import with_token_ids as _with_token_ids
     rarearena.prepare_data(RDC, tmp_path)
     lengths = _lengths(tokenizer)[:8]
     limit = sorted(lengths)[4]

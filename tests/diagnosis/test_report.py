@@ -5,9 +5,8 @@ import json
 import pytest
 
 from jaxzero.config.schema import RewardConfig
-from jaxzero.diagnosis.report import (TOP5_TEMPLATE, CaseResult, answer_block, ranked_answers,
-                                      render_markdown, score_checkpoint, summarize_checkpoint,
-                                      top5_prompt, write_report)
+from jaxzero.diagnosis.reward import answer_block
+from jaxzero.diagnosis.report import (TOP5_TEMPLATE, CaseResult, ranked_answers, render_markdown, score_checkpoint, summarize_checkpoint, top5_prompt, write_report)
 from jaxzero.diagnosis.hypernyms import load_hypernyms
 from jaxzero.diagnosis.judge import RuleJudge
 from jaxzero.diagnosis.protocols import Verdict

@@ -10,8 +10,9 @@ import torch
 from flax import nnx
 
 from jaxzero.io import hf as hf_io
-from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model, positions_from_mask
-from helpers import make_hf_model, save_hf
+from jaxzero.model.qwen2 import (KVCache, ModelOptions, abstract_model, init_model,
+                                positions_from_mask)
+from helpers import TINY, make_hf_model, save_hf
 
 PADS = (0, 3, 6)  # left padding of each row
 T = 10
@@ -109,3 +110,25 @@ def test_bfloat16_params_and_compute_stay_close_to_float32(tmp_path):
     # bf16 keeps 8 mantissa bits; two layers of it stay within a few percent of the scale.
     assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max()
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
+
+
+def test_causality_by_gradient_with_left_padding():
+    """The gradient of the logits at position t w.r.t. the input embeddings is exactly zero at
+    every later position and at every padded one, and not zero at the valid ones up to t."""
+    model = init_model(TINY, seed=2)
+    tokens_BT, valid_BT = padded_batch(TINY.vocab_size)
+    x_BTD = model.embed(jnp.asarray(tokens_BT))
+
+    def logits_per_position(x_BTD):  # [T]: each position's logits, summed over rows and V
+        h_BTD, _ = model.hidden_states_from_embeddings(x_BTD, jnp.asarray(valid_BT))
+        return model.logits(h_BTD).sum((0, 2))
+
+    grad_TBTD = jax.jit(jax.jacrev(logits_per_position))(x_BTD)
+    reaches_TBT = np.abs(np.asarray(grad_TBTD)).max(-1) > 0  # [output t, row, input position]
+    for t in range(T):
+        for row, pads in enumerate(PADS):
+            if t < pads:
+                continue  # a padded query: its output is never read
+            expect = np.zeros(T, bool)
+            expect[pads: t + 1] = True  # the valid keys up to t, itself included
+            np.testing.assert_array_equal(reaches_TBT[t, row], expect, err_msg=f"row {row}, t {t}")

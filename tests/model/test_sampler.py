@@ -1,20 +1,23 @@
 """Sampler: greedy against transformers, log-probs, sampling statistics, compiles, KV cache,
 sharding. Tiny random Qwen2 models, float32."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from jaxzero.errors import ConfigError
-from jaxzero.model.qwen2 import ModelOptions, init_model
+from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.sampler import (Sampler, SamplingParams, _ordered, _top_k, _top_p, finish_reasons,
-                             pad_prompts, prefill, sample_token)
-from jaxzero.parallel.sharding import make_mesh, param_shardings
+                             SamplerLoop, pad_prompts, sample_token)
+from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, make_mesh, param_shardings
 
 VOCAB, PAD = 96, 0
 CONFIG = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -186,14 +189,14 @@ def test_one_compile_per_bucket_and_params_are_traced():
     graphdef, state = nnx.split(init_model(CONFIG))
     sampler = _sampler(graphdef, max_new_tokens=4)
     # jit's cache is per wrapped function, shared by every Sampler: count what this one adds.
-    before = sampler._decode._cache_size(), sampler._prefill._cache_size()
+    before = SamplerLoop.decode._cache_size(), SamplerLoop.prefill._cache_size()
     for i, length in enumerate([9, 10, 12, 15, 16]):  # all in bucket 16
         prompts = [[3] * length, [4] * (length - 5)]
         sampler.generate(state, prompts, key=jax.random.key(i), n=2,
                          temperature=[0.0, 0.5, 1.0, 1.3, 0.9][i], top_p=[1.0, 0.9][i % 2],
                          top_k=i)
-    assert sampler._decode._cache_size() - before[0] == 1
-    assert sampler._prefill._cache_size() - before[1] == 1
+    assert SamplerLoop.decode._cache_size() - before[0] == 1
+    assert SamplerLoop.prefill._cache_size() - before[1] == 1
 
 
 def test_kv_cache_decoding_matches_full_recompute(models):
@@ -203,8 +206,7 @@ def test_kv_cache_decoding_matches_full_recompute(models):
     sampler = _sampler(graphdef, max_new_tokens=5)
     tokens_PT, valid_PT = pad_prompts(PROMPTS, 8, PAD)
     n, cont = 2, np.array([[11, 12, 13, 14]] * 8, np.int32)  # any continuation tokens
-    cache, logits_BV = jax.jit(prefill, static_argnums=(0, 1, 2))(
-        graphdef, sampler.config, n, state, tokens_PT, valid_PT)
+    cache, logits_BV = sampler.loop(n).prefill(state, tokens_PT, valid_PT)
     full_tokens = np.concatenate([np.repeat(tokens_PT, n, 0), cont], axis=1)
     full_valid = np.concatenate([np.repeat(valid_PT, n, 0), np.ones_like(cont, bool)], axis=1)
     ref, _ = step_fn(full_tokens, full_valid)
@@ -240,3 +242,43 @@ def test_sharded_greedy_equals_unsharded(models):
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
     assert sharded.tokens.shape == (6, 12)
+
+
+def test_the_loop_is_a_frozen_hashable_static_argument():
+    graphdef, _ = nnx.split(init_model(CONFIG))
+    sampler = _sampler(graphdef)
+    a, b = sampler.loop(2), _sampler(graphdef).loop(2)
+    assert a == b and hash(a) == hash(b)  # equal loops share their compilations
+    assert a != sampler.loop(3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.n = 4
+
+
+def test_cache_and_rows_land_on_the_tables_shardings(models):
+    """On (data 1, fsdp 4, tensor 2) the prefill's cache is the table's cache_LBSKH (K heads
+    over tensor), the one the planner counts, and the outputs' rows go over (data, fsdp)."""
+    _, graphdef, state = models
+    mesh = make_mesh(1, 4, 2)
+    placed = jax.device_put(state, param_shardings(state, mesh))
+    sampler = _sampler(graphdef, mesh=mesh, max_new_tokens=3)
+    tokens_PT, valid_PT = pad_prompts(PROMPTS, 8, PAD)
+    loop = sampler.loop(2)
+    cache, logits_BV = loop.prefill(placed, sampler._put(tokens_PT), sampler._put(valid_PT))
+    want = KVCache.shardings(CONFIG, mesh, FSDP_TP)
+    assert want.k_LBSKH.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache.k_LBSKH.sharding.is_equivalent_to(want.k_LBSKH, 5)
+    assert cache.k_LBSKH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, 8 + 3, 1, 8)
+    assert cache.valid_BS.sharding.is_equivalent_to(want.valid_BS, 2)
+    out = loop.decode(placed, cache, logits_BV, sampler._put(valid_PT.sum(1).repeat(2)),
+                      jax.random.key(0), SamplingParams.make(0.0))
+    assert cache.k_LBSKH.is_deleted()  # donated: the loop wrote into it
+    rows = lambda ndim: NamedSharding(mesh, P(("data", "fsdp"), *[None] * (ndim - 1)))
+    assert out.tokens_BR.sharding.is_equivalent_to(rows(2), 2)
+    assert out.lengths_B.sharding.is_equivalent_to(rows(1), 1)
+
+
+def test_a_model_built_with_another_table_is_refused():
+    graphdef, state = nnx.split(init_model(
+        CONFIG, ModelOptions(sharding=ShardingConfig.replicated())))
+    with pytest.raises(ConfigError, match="not the sampler's table"):
+        _sampler(graphdef).generate(state, PROMPTS[:1], key=jax.random.key(0))

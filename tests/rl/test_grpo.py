@@ -279,7 +279,7 @@ def test_grpo_loss_composition(mode):
     logp, old, ref, adv, mask, entropy = random_batch(8)
     config = config_for(mode)
     loss, m = jax.jit(functools.partial(grpo.grpo_loss, config=config))(
-        logp, old, ref, adv, mask, entropy_BT=entropy)
+        logp, old, ref, adv, mask, entropy_BR=entropy)
     pg, _ = ref_policy_loss(logp, old, adv, mask, 0.2, 0.28, 3.0, mode)
     ent = ref_aggregate(entropy, mask, mode)
     kl = ref_aggregate(ref_kl(logp, ref, "low_var_kl"), mask, mode)
@@ -292,7 +292,7 @@ def test_grpo_loss_composition(mode):
 def test_grpo_loss_without_kl():
     logp, old, _, adv, mask, entropy = random_batch(9)
     config = grpo.LossConfig(use_kl_loss=False, entropy_coeff=0.0)
-    loss, m = grpo.grpo_loss(logp, old, None, adv, mask, entropy_BT=entropy, config=config)
+    loss, m = grpo.grpo_loss(logp, old, None, adv, mask, entropy_BR=entropy, config=config)
     assert float(m["kl"]) == 0.0
     assert float(loss) == float(m["pg_loss"])
 
@@ -315,7 +315,7 @@ def test_micro_batch_gradients_and_metrics_sum_to_full(mode):
 
     @jax.jit
     def value_and_grad(logp, old, ref, adv, mask, entropy, norm):
-        f = lambda lp, ent: grpo.grpo_loss(lp, old, ref, adv, mask, entropy_BT=ent,
+        f = lambda lp, ent: grpo.grpo_loss(lp, old, ref, adv, mask, entropy_BR=ent,
                                            config=config, norm=norm)
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(logp, entropy)
 
@@ -392,7 +392,7 @@ def test_seed_aggregate_is_exact_under_any_row_split():
 def test_loss_scale_scales_the_loss_not_the_metrics():
     logp, mask = _logp_mask(seed=7, b=16, t=5)
     adv = jnp.linspace(-1.0, 1.0, 16)
-    kwargs = dict(entropy_BT=jnp.ones_like(logp))
+    kwargs = dict(entropy_BR=jnp.ones_like(logp))
     base = grpo.LossConfig(agg=grpo.SEED_AGG, group_rows=2)
     scaled = grpo.LossConfig(agg=grpo.SEED_AGG, group_rows=2, loss_scale=1 / 32)
     a, ma = grpo.grpo_loss(logp, logp - 0.1, logp, adv, mask, config=base, **kwargs)

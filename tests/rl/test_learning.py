@@ -1,4 +1,5 @@
-"""GRPO learns: on a toy task a tiny model's mean reward rises within a few dozen steps.
+"""GRPO learns, through the engine's own loop: on a toy task (a second Task beside the
+diagnosis one, proving the seam) a tiny model's mean reward rises within a few dozen steps.
 
 The task: after a random prompt, emit the tokens 5, 6, 7; the reward is the fraction of those
 three positions right. A random 32-token policy scores about 0.03 at the start.
@@ -8,48 +9,140 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxzero.rl import grpo
-from jaxzero.model.qwen2 import init_model
+from helpers import toy_records, toy_task
+from jaxzero.config.schema import config_from_dict
+from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.model.config import Qwen2Config
-from jaxzero.model.sampler import Sampler
-from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
-from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
+from jaxzero.model.qwen2 import init_model
+from jaxzero.monitor.writer import Console, MetricsWriter
+from jaxzero.rl import grpo, setup, trainer
+from jaxzero.rl.rollout import RewardWorker
+from jaxzero.rl.train_step import build_step_functions, init_opt_state
 
-TARGET = np.array([5, 6, 7])
 CFG = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-PROMPTS, N, R = 8, 8, 3
+STEPS = 30
 
 
-def test_mean_reward_rises_on_a_toy_task():
-    mesh = make_mesh(1, -1, 1)
+def toy_run(tmp_path, steps=STEPS, buckets=(8,), grpo=(), records=None):
+    """The engine's pieces wired for the toy task with setup.py's own builders."""
+    cfg = config_from_dict({
+        "model": {"demo": True},
+        "data": {"prompts_per_step": 8, "max_prompt_length": 8, "prompt_buckets": list(buckets),
+                 "shuffle": records is None},
+        "rollout": {"n": 8, "max_new_tokens": 3, "use_sampler_logprobs": True},
+        "grpo": {"use_kl_loss": False, "entropy_coeff": 0.0, **dict(grpo)},
+        "optim": {"lr": 3e-2, "weight_decay": 0.0, "b2": 0.99},
+        "trainer": {"run_dir": str(tmp_path), "max_steps": steps, "eval_every": 0,
+                    "save_every": 1000, "total_epochs": 1}})
+    task = toy_task(records or toy_records(8 * steps))
+    mesh = setup.validate(cfg)
     graphdef, params = nnx.split(init_model(CFG, seed=0))
-    optimizer = make_optimizer(lr=3e-2, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8,
-                               grad_clip=1.0)
-    fns = build_step_functions(graphdef, params, optimizer,
-                               grpo.LossConfig(entropy_coeff=0.0, use_kl_loss=False), mesh,
-                               response_len=R)
+    loader = setup.make_loader(cfg, task.train_records)
+    total = setup.total_steps(cfg, loader)
+    optimizer, schedule = setup.optimizer_and_schedule(cfg.optim, total)
+    fns = build_step_functions(graphdef, params, optimizer, setup.loss_config(cfg.grpo), mesh,
+                               response_len=cfg.rollout.max_new_tokens)
     params = jax.device_put(params, fns.param_shardings)
-    opt_state = init_opt_state(optimizer, params, fns.opt_shardings)
-    sampler = Sampler(graphdef, CFG, max_new_tokens=R, stop_ids=(31,), pad_id=0,
-                      buckets=(8,), mesh=mesh)
-    rng = np.random.default_rng(0)
-    rows = batch_sharding(mesh, 2)
-    rewards = []
-    for step in range(30):
-        prompts = [list(rng.integers(8, 30, rng.integers(3, 8))) for _ in range(PROMPTS)]
-        out = sampler.generate(params, prompts, key=jax.random.key(step), n=N, temperature=1.0)
-        tokens = np.asarray(out.tokens)
-        scores = (tokens == TARGET).mean(axis=1).astype(np.float32)
-        rewards.append(scores.mean())
-        adv = np.asarray(grpo.group_advantages(scores, N))
-        tokens_BL = np.concatenate([np.asarray(out.prompt_tokens), tokens], axis=1)
-        valid_BL = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.mask)], axis=1)
-        put = lambda x: put_global(x, rows)
-        batch = TrainBatch(put(tokens_BL), put(valid_BL), put(np.asarray(out.mask, np.float32)),
-                           put_global(adv, batch_sharding(mesh, 1)), out.logprobs,
-                           put(np.zeros((PROMPTS * N, R), np.float32)))
-        params, opt_state, _ = fns.update(params, opt_state, batch)
-    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
-    print(f"mean reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
-    assert first < 0.15 and last > first + 0.3, rewards
+    engine = setup.Engine(
+        cfg=cfg, mesh=mesh, fns=fns, task=task, reward_worker=RewardWorker(task),
+        sampler=setup.build_sampler(cfg, graphdef, CFG, mesh, stop_ids=(31,), pad_id=0),
+        ref_params=None, base_key=jax.random.key(0), pad_id=0,
+        lr_at=lambda s: float(schedule(s)))
+    files = setup.RunFiles(cfg=cfg, run_dir=tmp_path, model_config=CFG,
+                           writer=MetricsWriter(tmp_path / "tb"),
+                           store=CheckpointStore(tmp_path / "checkpoints"), total_steps=total)
+    state = setup.TrainState(params, init_opt_state(optimizer, params, fns.opt_shardings),
+                             loader, 0)
+    return engine, files, state
+
+
+def test_mean_reward_rises_on_a_toy_task(tmp_path, monkeypatch):
+    engine, files, state = toy_run(tmp_path)
+    events, rewards = [], []
+    sample, step_metrics = trainer.sample, trainer.step_metrics
+
+    def sample_spy(engine, state, *args, **kwargs):
+        events.append(("sample", state.step + 1))
+        return sample(engine, state, *args, **kwargs)
+
+    def metrics_spy(record, seconds):
+        events.append(("metrics", record.step))
+        out = step_metrics(record, seconds)
+        rewards.append(out["reward/mean"])
+        return out
+
+    order = []
+    passes, waited = trainer.logprob_passes, trainer._waited
+    monkeypatch.setattr(trainer, "logprob_passes",
+                        lambda *a, **k: order.append("passes") or passes(*a, **k))
+    monkeypatch.setattr(trainer, "_waited", lambda *a: order.append("wait") or waited(*a))
+    monkeypatch.setattr(trainer, "sample", sample_spy)
+    monkeypatch.setattr(trainer, "step_metrics", metrics_spy)
+    try:
+        state, last = trainer.run_loop(engine, files, state, Console(lambda *_: None))
+    finally:
+        setup.close_run(engine, files)
+    assert state.step == STEPS and len(rewards) == STEPS
+    # Deferred metrics: step N's come to the host only after step N+1's rollouts are
+    # dispatched; the last step's after the loop.
+    expected = [("sample", 1)] + [e for n in range(2, STEPS + 1)
+                                  for e in (("sample", n), ("metrics", n - 1))]
+    assert events == expected + [("metrics", STEPS)]
+    # The reward is awaited only once the log-prob passes are dispatched (they overlap it).
+    assert order == ["passes", "wait"] * STEPS
+    assert "toy/starts_with_5" in last and "time/reward_wait" in last
+    first, final = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"mean reward: first 5 steps {first:.3f}, last 5 steps {final:.3f}")
+    assert first < 0.15 and final > first + 0.3, rewards
+
+
+def test_dapo_refills_from_other_prompt_buckets_through_the_loop(tmp_path, monkeypatch):
+    """Dynamic sampling end to end: refill batches padded to other buckets (4 and 8) join one
+    batch (issue 13 §5: this crashed in np.stack)."""
+    # In file order: batches of 8 alternate between 3-token prompts (bucket 4) and 7-token
+    # ones (bucket 8), so every refill comes from the other bucket.
+    records = [{"id": f"toy{i}", "prompt_token_ids": [9 + i % 20] * (3 if i // 8 % 2 == 0 else 7)}
+               for i in range(64)]
+    engine, files, state = toy_run(tmp_path, steps=2, buckets=(4, 8), records=records,
+                                   grpo={"filter_zero_std_groups": True,
+                                         "max_refill_batches": 2})
+    widths = []
+    update = trainer.update
+
+    def update_spy(engine, state, batch, console=None):
+        widths.append(batch.tokens_BT.shape)
+        return update(engine, state, batch, console)
+
+    monkeypatch.setattr(trainer, "update", update_spy)
+    try:
+        state, last = trainer.run_loop(engine, files, state, Console(lambda *_: None))
+    finally:
+        setup.close_run(engine, files)
+    assert state.step == 2
+    # Step 1 began with a bucket-4 batch and was refilled from a bucket-8 one.
+    assert widths[0] == (64, 8 + 3), widths
+
+
+def test_the_update_sees_the_rows_in_the_seeds_order(tmp_path, monkeypatch):
+    """seed-micro-token-mean: the update's rows are the assembled batch's in the seed's
+    Karmarkar-Karp order (known from the tokens alone, before the rewards)."""
+    engine, files, state = toy_run(tmp_path, steps=1, grpo={
+        "loss_agg": "seed-micro-token-mean", "seed_micro_batch_rows": 8, "seed_dp_ranks": 2})
+    seen = {}
+    assemble, update = trainer.assemble, trainer.update
+    monkeypatch.setattr(trainer, "assemble",
+                        lambda *a: seen.setdefault("batch", assemble(*a)))
+    monkeypatch.setattr(trainer, "update", lambda engine, state, batch, console=None:
+                        seen.setdefault("train", batch) and update(engine, state, batch, console))
+    try:
+        trainer.run_loop(engine, files, state, Console(lambda *_: None))
+    finally:
+        setup.close_run(engine, files)
+    host, train = seen["batch"], jax.device_get(seen["train"])
+    order = grpo.seed_row_order(host.valid_BT.sum(-1), 2)
+    assert sorted(order) == list(range(64)) and list(order) != list(range(64))
+    np.testing.assert_array_equal(train.tokens_BT, host.tokens_BT[order])
+    np.testing.assert_array_equal(train.valid_BT, host.valid_BT[order])
+    np.testing.assert_array_equal(train.advantages_B, host.advantages_B[order])
+    np.testing.assert_array_equal(train.old_logp_BR, host.sampler_logp_BR[order])

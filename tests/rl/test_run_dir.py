@@ -1,6 +1,7 @@
 """The run directory: same-run comparison, what --overwrite deletes, the lock, the identity
 written only by a setup that succeeds, the data fingerprint, token ids, restarts."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -223,12 +224,30 @@ def _demo_cfg(run_dir, *extra):
                               "grpo.micro_batches=1", *extra])
 
 
-def test_a_failed_setup_leaves_nothing_that_blocks_the_corrected_command(tmp_path):
+def _setup(cfg, **kwargs):
+    """setup_run with the diagnosis task: (engine, files, state)."""
+    from jaxzero.diagnosis.task import make_task
     from jaxzero.rl.setup import setup_run
+    return setup_run(cfg, make_task, log=kwargs.pop("log", lambda *_: None), **kwargs)
+
+
+def _close(run):
+    from jaxzero.rl.setup import close_run
+    engine, files, _ = run
+    close_run(engine, files)
+
+
+def _save(run, step):
+    from jaxzero.rl.setup import save_checkpoint
+    _, files, state = run
+    save_checkpoint(files, dataclasses.replace(state, step=step), log=lambda *_: None)
+
+
+def test_a_failed_setup_leaves_nothing_that_blocks_the_corrected_command(tmp_path):
     train = _data(tmp_path, _record(0))
     typo = _cfg(tmp_path / "R", tmp_path / "no-such-model", train)
     with pytest.raises(CheckpointError, match="no-such-model"):
-        setup_run(typo, resume=False, overwrite=False, log=lambda *_: None)
+        _setup(typo, resume=False, overwrite=False)
     assert not (tmp_path / "R" / "config.yaml").exists()
     assert not (tmp_path / "R" / "run.json").exists()
     model = tmp_path / "model"
@@ -240,41 +259,39 @@ def test_a_failed_setup_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
 
 
 def test_setup_checks_token_ids_and_the_data_fingerprint(tmp_path):
-    from jaxzero.rl.setup import setup_run
     train = _data(tmp_path, _record(0, [5, 6]), _record(1, [7, 10 ** 6]))
     with pytest.raises(DataError, match=rf"{train}:2: prompt token id 1000000 is outside"):
-        setup_run(_demo_cfg(tmp_path / "A", f"data.train_file={train}"), resume=False,
-                  overwrite=False, log=lambda *_: None)
+        _setup(_demo_cfg(tmp_path / "A", f"data.train_file={train}"), resume=False,
+               overwrite=False)
     train = _data(tmp_path, _record(0), _record(1))
     cfg = _demo_cfg(tmp_path / "B", f"data.train_file={train}")
     _start(cfg, train)
     train.write_text("\n".join(reversed(train.read_text().splitlines())) + "\n")
     with pytest.raises(DataError, match=f"train file {train}"):
-        setup_run(cfg, resume=False, overwrite=False, log=lambda *_: None)
+        _setup(cfg, resume=False, overwrite=False)
 
 
 # ---------------------------------------------------------------- restarts (items 10, 11)
 
 def test_restart_before_the_first_checkpoint_and_past_a_damaged_one(tmp_path):
-    from jaxzero.rl.setup import save_checkpoint, setup_run
     cfg = _demo_cfg(tmp_path)
-    setup_run(cfg, resume=False, overwrite=False, log=lambda *_: None).close()
+    _close(_setup(cfg, resume=False, overwrite=False))
     # As if killed before its first checkpoint: the reference exists, no checkpoint does.
-    run = setup_run(cfg, resume=False, overwrite=False, log=lambda *_: None)
-    assert run.start_step == 0
-    save_checkpoint(run, 2, log=lambda *_: None)
-    save_checkpoint(run, 4, log=lambda *_: None)
-    run.close()
+    run = _setup(cfg, resume=False, overwrite=False)
+    assert run[2].step == 0
+    _save(run, 2)
+    _save(run, 4)
+    _close(run)
 
     meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
     meta.write_text(meta.read_text()[:10])   # torn
     lines = []
-    run = setup_run(cfg, resume=True, overwrite=False, log=lines.append)
-    assert run.start_step == 2
+    run = _setup(cfg, resume=True, overwrite=False, log=lines.append)
+    assert run[2].step == 2
     assert lines[0].startswith(f"skipped checkpoint {tmp_path / 'checkpoints' / '4'}: "
                                "meta/metadata is not valid JSON (a torn write?): ")
     assert lines[0].endswith(f"; moved it to {tmp_path / 'checkpoints' / '4.damaged'}")
     assert f"resuming from {tmp_path / 'checkpoints'}/2 (step 2)" in lines
-    save_checkpoint(run, 4, log=lines.append)   # the set-aside step can be saved again
-    assert run.store.all_steps() == [2, 4]
-    run.close()
+    _save(run, 4)   # the set-aside step can be saved again
+    assert run[1].store.all_steps() == [2, 4]
+    _close(run)

@@ -173,7 +173,7 @@ def _seed_update(optimizer, micro_batches):
                                micro_batches=micro_batches, temperature=T)
     params = jax.device_put(params, fns.param_shardings)
     host = jax.tree.map(np.asarray, grpo_batch(seed=3, b=B))
-    order = grpo.seed_row_order(host.valid_BL.sum(-1), RANKS)  # what the trainer applies
+    order = grpo.seed_row_order(host.valid_BT.sum(-1), RANKS)  # what the trainer applies
     batch = TrainBatch(*(jnp.asarray(x[order]) for x in host))
     before = jax.device_get(params)
     new, _, metrics = fns.update(params, init_opt_state(optimizer, params, fns.opt_shardings),
@@ -189,8 +189,8 @@ def port():
 
     def outputs(p):
         model = nnx.merge(graphdef, p)
-        return completion_logprobs(model, jnp.asarray(host.tokens_BL),
-                                   jnp.asarray(host.valid_BL), R, with_entropy=True,
+        return completion_logprobs(model, jnp.asarray(host.tokens_BT),
+                                   jnp.asarray(host.valid_BT), R, with_entropy=True,
                                    temperature=T)
 
     (logp, ent), vjp = jax.vjp(outputs, params)
@@ -198,7 +198,7 @@ def port():
     args = dict(old=host.old_logp_BR.astype(np.float64), ref=host.ref_logp_BR.astype(np.float64),
                 adv=host.advantages_B.astype(np.float64),
                 mask=host.response_mask_BR.astype(np.float64),
-                order=port_balance_order(host.valid_BL.sum(-1).tolist(), RANKS),
+                order=port_balance_order(host.valid_BT.sum(-1).tolist(), RANKS),
                 ranks=RANKS, micro_rows=MICRO_ROWS, mini_rows=MINI_ROWS, kl_coef=KL,
                 entropy_coeff=ENT)
     loss = port_loss(logp, ent, **args)

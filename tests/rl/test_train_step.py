@@ -23,7 +23,7 @@ def _update(loss_config, **step_options):
                                **step_options)
     params = jax.device_put(params, fns.param_shardings)
     batch = grpo_batch()
-    logp = fns.logprobs(params, batch.tokens_BL, batch.valid_BL)
+    logp = fns.logprobs(params, batch.tokens_BT, batch.valid_BT)
     new_params, _, metrics = fns.update(params, init_opt_state(optimizer, params,
                                                                fns.opt_shardings), batch)
     return jax.device_get((logp, metrics, new_params))

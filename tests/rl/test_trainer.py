@@ -4,7 +4,9 @@ Every run uses the real demo path (packaged cases, the real Qwen2.5 tokenizer, a
 the format warm-up) with small batches, so each run takes seconds after compilation.
 """
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from helpers import REPO
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.config.files import load_config
+from jaxzero.diagnosis.task import make_task
 from jaxzero.monitor.plots import read_scalars
 from jaxzero.rl.trainer import train
 
@@ -28,9 +31,9 @@ SMALL = ["data.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=24",
          "model.demo_layers=1", "grpo.entropy_coeff=0.001"]
 
 
-def _run_in_process(run_dir, *extra):
+def _run_in_process(run_dir, *extra, log=lambda *_: None, **kwargs):
     cfg = load_config(DEMO, SMALL + [f"trainer.run_dir={run_dir}", *extra])
-    return train(cfg, log=lambda *_: None)
+    return train(cfg, make_task, log=log, **kwargs)
 
 
 def _cli(run_dir, *extra, devices=None, **popen):
@@ -63,7 +66,11 @@ def full_run(tmp_path_factory):
 
 def test_resume_is_exact(full_run, tmp_path):
     full_dir, _ = full_run
-    _run_in_process(tmp_path, "trainer.max_steps=2")
+    lines = []
+    _run_in_process(tmp_path, "trainer.max_steps=2", log=lines.append, quiet=True)
+    # --quiet: only the end-of-run summary.
+    assert lines[0].startswith("held-out accuracy: before GRPO ") and \
+        lines[1].startswith("done at step 2.") and len(lines) == 4, lines
     _run_in_process(tmp_path, "trainer.max_steps=4")  # resumes from step 2
     a, b = _params(full_dir, 4), _params(tmp_path, 4)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -85,8 +92,8 @@ def test_tensorboard_has_scalars_text_and_hparams(full_run):
                 "format/think_dropped", "response/length_mean", "response/length_max",
                 "response/clip_ratio", "losses/pg_loss", "losses/kl", "losses/entropy",
                 "losses/clipfrac", "optim/grad_norm", "optim/lr", "reward/zero_std_groups",
-                "time/rollout", "time/reward", "time/reference", "time/update",
-                "perf/tokens_per_s", "eval/accuracy", "eval/format_ok",
+                "time/rollout", "time/reward", "time/reward_wait", "time/step",
+                "perf/tokens_per_s", "data/informative_groups", "optim/skipped", "eval/accuracy", "eval/format_ok",
                 "eval/response_length_mean"):
         assert tag in scalars, tag
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
@@ -99,15 +106,29 @@ def test_tensorboard_has_scalars_text_and_hparams(full_run):
     assert "reward" in panel and "labels" in panel
 
 
-def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path):
+def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path, tmp_path_factory):
     """`jaxzero train configs/demo.yaml` as a user runs it, on 1 device: same metrics as the
     8-device run within float tolerance; the checkpoint restores; the HF export loads."""
     full_dir, _ = full_run
+    log_json = tmp_path_factory.mktemp("log") / "log.jsonl"  # beside the run dir, not in it
     proc = _cli(tmp_path, "trainer.max_steps=2", f"trainer.export_hf={tmp_path / 'hf'}",
-                devices=1)
+                "--log-json", str(log_json), devices=1)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "TensorBoard" in out and str(tmp_path / "hf") in out
+    lines = out.splitlines()
+    assert len(lines) == len(set(lines)), out  # nothing printed twice
+    assert any(line.startswith("step 1/2 · ") and "s/step" in line for line in lines), out
+    assert any(line.startswith("eval @ step 2: accuracy ") and "(4 cases)" in line
+               for line in lines), out
+    assert "held-out accuracy: before GRPO " in out and "step 1: rollouts (compiling" in out
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "eval_accuracy.png", "kl.png", "response_length.png", "reward.png"]
+    # One JSON object per step (the step-0 eval first), valid JSON: no bare NaN.
+    records = [json.loads(line) for line in log_json.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
+    assert "reward/mean" in records[1] and "losses/kl" in records[1]
     # Same rollouts and losses; the gradient norm within 5%: Adam turns float-rounding-sized
     # gradients (which differ between 1 and 8 devices) into lr-sized steps during warm-up.
     one, eight = read_scalars(tmp_path), read_scalars(full_dir)
@@ -130,7 +151,7 @@ def test_preemption_saves_and_resumes(tmp_path):
     while time.time() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
-        if line.startswith("step     2"):
+        if re.match(r"step +2/\d+ · ", line):
             proc.send_signal(signal.SIGTERM)
             break
         assert line or proc.poll() is None, "".join(lines)
@@ -143,7 +164,7 @@ def test_preemption_saves_and_resumes(tmp_path):
                    "trainer.eval_every=0")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
-    assert f"(step {saved})" in out and f"step {saved + 1:5d}" in out
+    assert f"(step {saved})" in out and f"step {saved + 1}/{saved + 1} · " in out
 
 
 def test_changed_config_is_refused(full_run):
@@ -160,3 +181,24 @@ def test_plot_writes_the_four_pngs(full_run, tmp_path):
     assert sorted(p.name for p in written) == ["eval_accuracy.png", "kl.png", "response_length.png",
                                                "reward.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_a_signal_during_setup_exits_cleanly(tmp_path):
+    """SIGTERM in the demo warm-up (part of setup): exit 0 with one line, nothing saved."""
+    proc = _cli(tmp_path, "demo.warmup_steps=100000", "trainer.max_steps=2")
+    lines = []
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("demo format warm-up 1/100000"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert line or proc.poll() is None, "".join(lines)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = [line for line in out.splitlines() if "received SIGTERM" in line]
+    assert stopped == ["received SIGTERM: stopped during setup, before any training step; "
+                       "nothing to save"], out[-3000:]
+    assert "Traceback" not in out
+    assert CheckpointStore(tmp_path / "checkpoints").latest_step() is None
