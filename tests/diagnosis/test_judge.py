@@ -352,7 +352,9 @@ def test_rarearena_protocol_call_and_reply(server):
 def test_unparsed_cached_replies_are_asked_again_unless_kept(server, tmp_path):
     path = tmp_path / "judge_cache.jsonl"
     server.faults.append("garbage_content")
-    first = make_judge(server.base_url, cache=JudgeCache(path)).judge_many(ITEMS[:2])
+    # One request at a time, so the garbage reply is the first item's, not whichever came first.
+    first = make_judge(server.base_url, cache=JudgeCache(path),
+                       concurrency=1).judge_many(ITEMS[:2])
     assert [v.status for v in first] == ["unparsed", "ok"] and len(server.requests) == 2
     server.requests = []
     kept = make_judge(server.base_url, cache=JudgeCache(path),
