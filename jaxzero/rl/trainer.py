@@ -38,12 +38,23 @@ class StopRequested(BaseException):
 
 class _StopSignal:
     """SIGTERM/SIGINT (preemption). During setup they interrupt at once (StopRequested);
-    once the loop runs they only ask it to finish the step, save and exit cleanly."""
+    once the loop runs they only ask it to finish the step, save and exit cleanly. Each
+    process sees only its own signals: the loop stops when the processes agree one was."""
 
     def __init__(self):
         self.received: str | None = None
         self.interrupt = True
+        self._at: float | None = None   # when the first signal came (monotonic seconds)
         self._previous = {}
+
+    def waited(self) -> float:
+        """Seconds since the first signal (0 before one): the grace period spent."""
+        return 0.0 if self._at is None else time.monotonic() - self._at
+
+    def agreed(self) -> tuple[bool, float]:
+        """Whether any process was asked to stop, and the longest any has waited since
+        (one collective across the processes: call on all of them at the same point)."""
+        return distributed.agree_stop(self.received is not None, self.waited())
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,6 +62,8 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, _frame):
+        if self._at is None:
+            self._at = time.monotonic()
         self.received = signal.Signals(signum).name
         if self.interrupt:
             raise StopRequested(self.received)
@@ -321,12 +334,56 @@ class _Clock:
         return float(np.mean(timed)) * (self.total - step) if timed else None
 
 
+# A final save is started on a stop only when the grace period left is this many times the
+# last save's start-to-commit time: a save can take longer than the one before.
+SAVE_MARGIN = 1.5
+
+
+def final_save_fits(left_s: float | None, last_save_s: float | None) -> bool:
+    """Whether a save should start with `left_s` seconds of the grace period left (None: no
+    deadline), given the last committed save took `last_save_s` (None: none measured, so
+    try: the commit is atomic, a save killed before it leaves the last one the good one)."""
+    if left_s is None:
+        return True
+    if last_save_s is None:
+        return left_s > 0
+    return left_s >= SAVE_MARGIN * last_save_s
+
+
+def save_on_stop(files: RunFiles, state: TrainState, stop: _StopSignal, console: Console
+                 ) -> None:
+    """The agreed stop's save of `state`, unless trainer.preemption_grace_s says it cannot
+    commit before the SIGKILL: then the last committed checkpoint stays the good one. Every
+    process decides from the same agreed values, so all save or none does."""
+    files.store.wait()  # a periodic save in flight: committed first, then timed
+    committed = files.store.committed_steps()
+    if committed and committed[-1] == state.step:
+        return
+    grace = files.cfg.trainer.preemption_grace_s
+    left = None
+    if grace is not None:
+        _, waited = stop.agreed()  # the same value on every process, from now
+        left = grace - waited
+    last_s = files.store.save_seconds(committed[-1]) if committed else None
+    if not final_save_fits(left, last_s):
+        took = "" if last_s is None else f" and the last save took {last_s:.1f} s"
+        console.always(
+            f"not saving step {state.step}: {max(left, 0.0):.1f} s of "
+            f"trainer.preemption_grace_s={grace:g} are left{took}; the last committed "
+            f"checkpoint, {files.last_good_checkpoint()}, stays the one to resume from")
+        return
+    save_checkpoint(files, state, log=console.info, force=True)
+    files.store.wait()
+
+
 def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Console,
              stop: _StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
-    """Steps until files.total_steps (or the data ends, or `stop` is signalled); saves and
-    exports at the end. Returns the final state and the last step's metrics."""
+    """Steps until files.total_steps (or the data ends, or the processes agree that one was
+    signalled to stop); saves and exports at the end. Returns the final state and the last
+    step's metrics."""
     cfg = engine.cfg
     stop = stop if stop is not None else _StopSignal()  # not entered: never signalled
+    stopping = False
     total = files.total_steps
     clock = _Clock(state.step, total)
     last: dict[str, float] = {}
@@ -342,6 +399,7 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
         skips = skips + 1 if metrics["optim/skipped"] else 0
         if skips >= cfg.grpo.max_consecutive_skips:
             save_checkpoint(files, state, log=console.always, force=True)
+            files.store.wait()
             raise JaxzeroError(
                 f"{skips} consecutive updates had a non-finite loss or gradient norm; "
                 f"stopping. The last good checkpoint is {files.last_good_checkpoint()}")
@@ -376,23 +434,29 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
             state, pending = train_on(engine, state, rollouts, console)
         except StopIteration:
             break
+        stopping = stop.agreed()[0]  # every step: all processes stop after the same one
         # trainer.seed_step_count: the seed validates once more after its last update.
         due_eval = cfg.trainer.eval_every and (
             state.step % cfg.trainer.eval_every == 0
-            or (cfg.trainer.seed_step_count and state.step == total and not stop.received))
+            or (cfg.trainer.seed_step_count and state.step == total and not stopping))
         due_save = state.step % cfg.trainer.save_every == 0
-        if due_eval or due_save or stop.received or state.step == total:
+        if due_eval or due_save or stopping or state.step == total:
             last = report(pending, time.perf_counter(), with_eval=bool(due_eval))
             pending = None
         if due_save:
             save_checkpoint(files, state, log=console.info)
-        if stop.received:
-            console.always(f"received {stop.received}: saving step {state.step} and exiting")
+        if stopping:
+            why = (f"received {stop.received}" if stop.received else
+                   "another process received a stop signal")
+            console.always(f"{why}: stopping after step {state.step}")
             break
     if pending is not None:
         last = report(pending, time.perf_counter())
+    if stopping:
+        save_on_stop(files, state, stop, console)
+        return state, last
     save_checkpoint(files, state, log=console.info, force=True)
-    if cfg.trainer.export_hf and not stop.received:
+    if cfg.trainer.export_hf:
         files.export_hf(state.params, cfg.trainer.export_hf, log=console.info)
     return state, last
 
@@ -434,7 +498,18 @@ def train(cfg, make_task: TaskFactory, *, resume: bool = False, overwrite: bool 
         stop.interrupt = False
         try:
             state, last = run_loop(engine, files, state, console, stop)
-        finally:
+        except jax.errors.JaxRuntimeError as err:
+            lost = None
+            if jax.process_count() > 1:
+                lost = distributed.peer_lost(err, files.last_good_checkpoint())
+            # A save in flight cannot commit without the lost peer: not waited for.
+            close_run(engine, files, wait_for_saves=lost is None)
+            if lost is not None:
+                raise lost from err
+            raise
+        except BaseException:
             close_run(engine, files)
+            raise
+        close_run(engine, files)
     _summary(files, state, console)
     return last
