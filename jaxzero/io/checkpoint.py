@@ -196,10 +196,7 @@ class CheckpointStore:
     def save_seconds(self, step: int) -> float | None:
         """How long the committed `step` took from its start to its commit, as orbax
         recorded it (None when it did not): the estimate of the next save's duration."""
-        try:
-            meta = self._manager.metadata(step)
-        except Exception:  # an older layout without step metadata: no estimate
-            return None
+        meta = self._manager.metadata(step)
         start, end = meta.init_timestamp_nsecs, meta.commit_timestamp_nsecs
         return None if start is None or end is None else (end - start) / 1e9
 

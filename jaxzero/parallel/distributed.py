@@ -121,16 +121,20 @@ def sync(name: str) -> None:
 
 # ---------------------------------------------------------------------------- agreement
 
-def agree_stop(asked: bool, waited_s: float) -> tuple[bool, float]:
-    """One small collective: whether any process was asked to stop, and the longest any has
-    waited since it was (its seconds of the grace period spent). Every process gets the same
-    answer, so all of them finish the same step. A no-op for one process."""
+def agree_max(values: list[float]) -> list[float]:
+    """Each value's maximum over the processes, by one small all-gather: every process gets
+    the same answer, so decisions made from it agree. A no-op for one process."""
     if jax.process_count() == 1:
-        return asked, waited_s
+        return list(values)
     from jax.experimental import multihost_utils
-    mine = np.array([float(asked), waited_s if asked else 0.0], np.float32)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
-    return bool(every[:, 0].max() > 0), float(every[:, 1].max())
+    every = multihost_utils.process_allgather(np.asarray(values, np.float32))
+    return [float(v) for v in np.asarray(every).reshape(-1, len(values)).max(axis=0)]
+
+
+def agree_stop(asked: bool) -> bool:
+    """Whether any process was asked to stop: one collective, called after every step, so
+    all processes finish the same step."""
+    return agree_max([float(asked)])[0] > 0
 
 
 # ---------------------------------------------------------------------------- lost peers

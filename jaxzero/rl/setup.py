@@ -307,7 +307,8 @@ def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool 
     saved = run.store.save(step, _pure({"params": state.params, "opt_state": state.opt_state}),
                            meta, force=force)
     if saved and distributed.is_main_process():
-        log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}")
+        background = " (writing in the background)" if run.cfg.trainer.async_checkpoint else ""
+        log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}{background}")
 
 
 def _pure(tree):

@@ -51,10 +51,10 @@ class _StopSignal:
         """Seconds since the first signal (0 before one): the grace period spent."""
         return 0.0 if self._at is None else time.monotonic() - self._at
 
-    def agreed(self) -> tuple[bool, float]:
-        """Whether any process was asked to stop, and the longest any has waited since
-        (one collective across the processes: call on all of them at the same point)."""
-        return distributed.agree_stop(self.received is not None, self.waited())
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (one collective across the processes: call
+        on all of them at the same point)."""
+        return distributed.agree_stop(self.received is not None)
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -356,15 +356,17 @@ def save_on_stop(files: RunFiles, state: TrainState, stop: _StopSignal, console:
     commit before the SIGKILL: then the last committed checkpoint stays the good one. Every
     process decides from the same agreed values, so all save or none does."""
     files.store.wait()  # a periodic save in flight: committed first, then timed
-    committed = files.store.committed_steps()
-    if committed and committed[-1] == state.step:
+    latest = files.store.latest_step()  # every process made the same saves: the same step
+    if latest == state.step:
         return
     grace = files.cfg.trainer.preemption_grace_s
-    left = None
+    left, last_s = None, None
     if grace is not None:
-        _, waited = stop.agreed()  # the same value on every process, from now
-        left = grace - waited
-    last_s = files.store.save_seconds(committed[-1]) if committed else None
+        measured = files.store.save_seconds(latest) if latest is not None else None
+        # Agreed now, so every process decides alike (-1: no save measured).
+        waited, last = distributed.agree_max([stop.waited(),
+                                              -1.0 if measured is None else measured])
+        left, last_s = grace - waited, (None if last < 0 else last)
     if not final_save_fits(left, last_s):
         took = "" if last_s is None else f" and the last save took {last_s:.1f} s"
         console.always(
@@ -434,7 +436,7 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
             state, pending = train_on(engine, state, rollouts, console)
         except StopIteration:
             break
-        stopping = stop.agreed()[0]  # every step: all processes stop after the same one
+        stopping = stop.agreed()  # every step: all processes stop after the same one
         # trainer.seed_step_count: the seed validates once more after its last update.
         due_eval = cfg.trainer.eval_every and (
             state.step % cfg.trainer.eval_every == 0

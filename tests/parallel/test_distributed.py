@@ -43,6 +43,6 @@ def test_eval_and_generate_refuse_a_multi_process_launch(launch, capsys, argv):
 
 
 def test_one_process_agrees_with_itself():
-    assert distributed.agree_stop(False, 0.0) == (False, 0.0)
-    assert distributed.agree_stop(True, 2.5) == (True, 2.5)
+    assert distributed.agree_stop(False) is False and distributed.agree_stop(True) is True
+    assert distributed.agree_max([1.0, -1.0]) == [1.0, -1.0]
     assert distributed.lost_processes() is None
