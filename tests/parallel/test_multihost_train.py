@@ -31,11 +31,13 @@ from jaxzero.rl.trainer import train
 pytestmark = pytest.mark.slow
 
 DEMO = REPO / "configs" / "demo.yaml"
-PEER_TIMEOUT_S = 5
+# The dead-peer test's bound. The other runs keep the default (100 s): on a loaded 2-core
+# machine a process busy compiling has missed 5 s of heartbeats.
+PEER_TIMEOUT_S = 10
 TINY = ["data.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
         "demo.warmup_steps=2", "demo.warmup_batch=8", "trainer.eval_every=0",
         "trainer.export_hf=null", "model.demo_layers=1", "grpo.entropy_coeff=0.01",
-        "mesh.data=2", "mesh.fsdp=4", f"trainer.peer_timeout_s={PEER_TIMEOUT_S}"]
+        "mesh.data=2", "mesh.fsdp=4"]
 LR = 5e-4  # the demo's optim.lr
 
 
@@ -199,12 +201,29 @@ def test_sigterm_to_one_process_stops_both_after_one_step(pod_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_signal_during_setup_stops_both_after_the_first_step(tmp_path):
+    """SIGTERM to process 1 in the demo's warm-up: setup finishes on both, then both stop
+    after step 1 and save it (a process alone would stop at once, with nothing to save)."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    pod = Pod(run_dir, "trainer.max_steps=50", "demo.warmup_steps=6", logs=tmp_path)
+    pod.wait_for(r"^demo format warm-up 1/6")
+    pod.procs[1].send_signal(signal.SIGTERM)
+    codes = pod.finish()
+    print(f"2-process run signalled during setup: {time.monotonic() - t0:.1f} s")
+    assert codes == [0, 0], pod.logs_tail()
+    assert "another process received a stop signal: stopping after step 1" in pod.log(0)
+    assert "demo format warm-up 6/6" in pod.log(0)
+    assert CheckpointStore(run_dir / "checkpoints").all_steps() == [1]
+
+
 def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
     """kill -9 of process 1: process 0 exits non-zero within trainer.peer_timeout_s (plus
     its own exit), naming the lost process; the last committed checkpoint restores. The
     kill lands while step 2's async save may still be writing: then step 1 is the last."""
     run_dir = tmp_path / "run"
-    pod = Pod(run_dir, "trainer.max_steps=50", "trainer.save_every=1", logs=tmp_path)
+    pod = Pod(run_dir, "trainer.max_steps=50", "trainer.save_every=1",
+              f"trainer.peer_timeout_s={PEER_TIMEOUT_S}", logs=tmp_path)
     pod.wait_for(r"^checkpoint step 2 -> ")
     os.kill(pod.procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
@@ -216,13 +235,15 @@ def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
     print(f"the survivor exited {seconds:.1f} s after the kill, status {code} (peer timeout "
           f"{PEER_TIMEOUT_S} s)")
     log = pod.log(0)
-    assert "a collective failed (" in log and "another process has probably died" in log
-    # Named by jaxzero (exit 3) or, when the coordination service's own error poll wins the
-    # race at the same heartbeat timeout, by JAX's last line (SIGABRT).
-    ours = re.search(r"lost process 1 of 2 \(no heartbeat for trainer\.peer_timeout_s=5 s\)",
-                     log)
+    # Named by jaxzero (exit 3), when a collective failed first and its question to the
+    # coordination service was answered; or by JAX's own last line (SIGABRT), when the
+    # service's error poll came first or nothing had failed yet (the process was between
+    # collectives, or in one that waits, as on TPUs and GPUs).
+    ours = re.search(r"lost process 1 of 2 \(no heartbeat for trainer\.peer_timeout_s="
+                     f"{PEER_TIMEOUT_S}" r" s\)", log)
     theirs = re.search(r"stopped sending heartbeats\):\s+1\s", log)
-    assert (code == 3 and ours) or (code == -signal.SIGABRT and theirs), pod.logs_tail()
+    assert (code == 3 and ours and "a collective failed (" in log) or \
+        (code == -signal.SIGABRT and theirs), pod.logs_tail()
     assert seconds < PEER_TIMEOUT_S + 10, pod.logs_tail()
     store = CheckpointStore(run_dir / "checkpoints")
     committed = store.committed_steps()

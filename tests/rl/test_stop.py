@@ -10,7 +10,7 @@ from jaxzero.config.files import load_config
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.monitor.writer import Console
 from jaxzero.rl.setup import RunFiles, TrainState
-from jaxzero.rl.trainer import SAVE_MARGIN, _StopSignal, final_save_fits, save_on_stop
+from jaxzero.rl.stop import SAVE_MARGIN, StopSignal, final_save_fits, save_on_stop
 
 
 @pytest.mark.parametrize("left,last,fits", [
@@ -46,7 +46,7 @@ def _state(step, value):
 
 
 def _signalled():
-    stop = _StopSignal()
+    stop = StopSignal()
     stop.interrupt = False
     stop._handle(signal.SIGTERM, None)
     return stop
@@ -81,6 +81,6 @@ def test_a_stop_on_a_step_just_saved_saves_nothing_more(tmp_path):
 
 
 def test_the_stop_agreement_of_one_process_is_its_own_signal():
-    assert _StopSignal().agreed() is False
+    assert StopSignal().agreed() is False
     stop = _signalled()
     assert stop.agreed() is True and stop.received == "SIGTERM" and 0.0 <= stop.waited() < 5
