@@ -15,3 +15,12 @@ class DataError(JaxzeroError):
 
 class CheckpointError(JaxzeroError):
     """A checkpoint that is missing, incomplete or of another architecture."""
+
+
+class PeerLostError(JaxzeroError):
+    """Another process of a multi-process run died (or stopped answering); this one cannot
+    go on. The message names the processes lost and the last committed checkpoint."""
+
+    def __init__(self, message: str, lost: list[int]):
+        super().__init__(message)
+        self.lost = lost

@@ -11,7 +11,9 @@
 #   CONFIG        config file, default configs/qwen2.5-7b.yaml
 #   REPO_DIR      where jaxzero is checked out on the workers, default ~/jaxzero
 #   RUN_DIR       run directory; must be shared storage (a GCS fuse mount or NFS) so that
-#                 every worker sees the same checkpoints, e.g. /mnt/gcs/runs/qwen7b
+#                 every worker sees the same files, e.g. /mnt/gcs/runs/qwen7b
+#   CHECKPOINT_DIR  optional gs://BUCKET/PATH for the checkpoints: orbax commits there with a
+#                 marker file, where a flat bucket's gcsfuse mount cannot rename atomically
 #   EXTRA_ARGS    further dotted overrides, e.g. "rollout.n=8 optim.lr=1e-6"
 #   SETUP=1       first install jaxzero with TPU jax on every worker
 set -euo pipefail
@@ -32,5 +34,6 @@ if [[ "${SETUP:-0}" == 1 ]]; then
 fi
 
 ssh_all "cd $REPO_DIR && . .venv/bin/activate && \
-  JAXZERO_DISTRIBUTED=1 jaxzero train $CONFIG trainer.run_dir=$RUN_DIR ${EXTRA_ARGS:-} \
+  JAXZERO_DISTRIBUTED=1 jaxzero train $CONFIG trainer.run_dir=$RUN_DIR \
+  ${CHECKPOINT_DIR:+trainer.checkpoint_dir=$CHECKPOINT_DIR} ${EXTRA_ARGS:-} \
   2>&1 | tee -a /tmp/jaxzero-train.log"

@@ -179,6 +179,8 @@ def _load(path: str, step: int | None, dtype: str):
 
 
 def run(args) -> None:
+    from jaxzero.parallel.distributed import require_one_process
+    require_one_process("eval")
     from jaxzero.diagnosis.generations import GenerationStore
     from jaxzero.diagnosis.hypernyms import load_hypernyms
     from jaxzero.diagnosis.judge import RuleJudge

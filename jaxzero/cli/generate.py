@@ -40,6 +40,8 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> None:
+    from jaxzero.parallel.distributed import require_one_process
+    require_one_process("generate")
     import jax
 
     from jaxzero.io.loaded import LoadedModel

@@ -14,7 +14,7 @@ import traceback
 
 from jaxzero.cli import convert, generate, plan, plot, prepare_data, train
 from jaxzero.cli import eval as eval_cmd
-from jaxzero.errors import JaxzeroError
+from jaxzero.errors import JaxzeroError, PeerLostError
 
 COMMANDS = (prepare_data, convert, train, eval_cmd, generate, plan, plot)
 
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         args.func(args)
+    except PeerLostError as err:
+        print(f"jaxzero {args.command}: error: {err}", file=sys.stderr)
+        from jaxzero.parallel.distributed import abandon
+        abandon()  # does not return: JAX's exit barrier would wait for the lost peer
     except JaxzeroError as err:
         if args.debug:
             traceback.print_exc()

@@ -29,7 +29,7 @@ def run(args) -> None:
     from jaxzero.config.files import load_config
     cfg = load_config(args.config, args.overrides)
     from jaxzero.parallel import distributed
-    distributed.initialize()
+    distributed.initialize(peer_timeout_s=cfg.trainer.peer_timeout_s)
     from jaxzero.diagnosis.task import make_task
     from jaxzero.rl.trainer import train
     with contextlib.ExitStack() as stack:

@@ -268,15 +268,28 @@ class TrainerConfig(_Section):
     seed: int = 0
     eval_examples_logged: int = 4
     export_hf: str | None = None  # HF directory written at the end; None: no export
+    # Where checkpoints go: a path or a gs://, s3://, az:// URL; None: run_dir/checkpoints.
+    checkpoint_dir: str | None = None
     # DiagnosisZero's loop (ray_trainer.fit) counts steps from 1 and stops when the count
     # reaches batches × epochs, so it makes one update fewer, then validates once more.
     seed_step_count: bool = False
+    # Checkpoint writes overlap the next steps (at most one in flight); false: each save
+    # blocks training until it is committed.
+    async_checkpoint: bool = True
+    # Seconds between SIGTERM and the scheduler's SIGKILL. A final save that the last save's
+    # duration says cannot commit in the time left is not started: the last committed
+    # checkpoint stays the good one. None: always save.
+    preemption_grace_s: float | None = None
+    # Multi-process runs: a process that misses heartbeats this long is lost, and the others
+    # exit non-zero naming it (JAX's heartbeat and shutdown timeouts).
+    peer_timeout_s: int = 100
 
     def _validate(self) -> None:
         self._require(self.run_dir != "", "run_dir", "give a directory")
         self._at_least(1, "total_epochs", "max_steps", "save_every", "keep_checkpoints",
-                       "log_every")
+                       "log_every", "peer_timeout_s")
         self._at_least(0, "eval_every", "seed", "eval_examples_logged")
+        self._positive("preemption_grace_s")
 
 
 @dataclasses.dataclass(frozen=True)

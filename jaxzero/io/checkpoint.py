@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxzero.errors import CheckpointError
+from jaxzero.io.storage import storage_path
 from jaxzero.parallel.trees import path_name
 
 _ARRAYS, _META = "arrays", "meta"
@@ -38,6 +39,9 @@ _MAX_REASON = 300  # characters of a low-level error quoted in a one-line messag
 # JSON files of a committed step that orbax parses on every restore.
 _JSON_FILES = (f"{_META}/metadata", f"{_ARRAYS}/_METADATA")
 _SET_ASIDE = ".damaged"   # suffix of a damaged step moved out of the step listing
+# On gs:// orbax writes a step in place and marks it committed with this file (a rename is
+# not atomic there); elsewhere the rename of `<step>.orbax-checkpoint-tmp` commits it.
+_COMMIT_FILE = "commit_success.txt"
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -151,7 +155,7 @@ class CheckpointStore:
                  compress: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        self.directory = storage_path(directory)  # a Path, or an epath.Path for gs:// etc.
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         # Declared up front so a fresh store can read metadata before any save or restore.
         # Uncompressed by default: zstd buffers a second copy of each array on the host while
@@ -176,7 +180,25 @@ class CheckpointStore:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest step saved, committed or still being written by an async save."""
         return self._manager.latest_step()
+
+    def committed_steps(self) -> list[int]:
+        """The steps whose directories are committed now, read from storage without waiting
+        for a save in flight (its temporary directory is not a step)."""
+        if not self.directory.exists():
+            return []
+        by_marker = str(self.directory).startswith("gs://")
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and p.is_dir()
+                      and (not by_marker or (p / _COMMIT_FILE).exists()))
+
+    def save_seconds(self, step: int) -> float | None:
+        """How long the committed `step` took from its start to its commit, as orbax
+        recorded it (None when it did not): the estimate of the next save's duration."""
+        meta = self._manager.metadata(step)
+        start, end = meta.init_timestamp_nsecs, meta.commit_timestamp_nsecs
+        return None if start is None or end is None else (end - start) / 1e9
 
     def _resolve(self, step: int | None) -> int:
         self.wait()
@@ -229,7 +251,10 @@ class CheckpointStore:
         # The step's own half-written files only hold disk space; a rerun would replace them.
         if jax.process_index() == 0:
             for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(tmp, Path):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.rmtree()
         last = (f"the last good checkpoint is {self.directory / str(before)}"
                 if before is not None else "no earlier checkpoint was saved")
         return CheckpointError(
@@ -265,7 +290,7 @@ class CheckpointStore:
             n += 1
             target = self.directory / f"{step}{_SET_ASIDE}-{n}"
         if jax.process_index() == 0:
-            os.rename(self.directory / str(step), target)
+            (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"checkpoint set aside {step}")

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from jaxzero.config import files as config_files
 from jaxzero.config import schema as config_lib
 from jaxzero.errors import CheckpointError, ConfigError, DataError, JaxzeroError
+from jaxzero.io.storage import is_remote, storage_path
 
 MARKER = ".jaxzero-run"
 LOCK = ".jaxzero-run.lock"
@@ -41,7 +42,8 @@ OWNED = frozenset({MARKER, LOCK, CONFIG, IDENTITY, "model_config.json", "tokeniz
 RESUMABLE_KEYS = frozenset({
     "trainer.max_steps", "trainer.total_epochs", "trainer.eval_every", "trainer.save_every",
     "trainer.keep_checkpoints", "trainer.log_every", "trainer.eval_examples_logged",
-    "trainer.export_hf", "data.eval_max_prompts",
+    "trainer.export_hf", "data.eval_max_prompts", "trainer.async_checkpoint",
+    "trainer.preemption_grace_s", "trainer.peer_timeout_s",
 })
 # Compared through run.json instead of as written: a path spelled `R/`, `./R` or relative to
 # another working directory is the same path, and data files are compared by content.
@@ -101,8 +103,16 @@ def open_run_dir(cfg, *, resume: bool, overwrite: bool, main: bool) -> RunDir:
     """Claims `cfg.trainer.run_dir` for this run: refuses a directory jaxzero did not create,
     one another run holds, and one that holds a run of another config; `overwrite` first
     deletes what jaxzero wrote there. Only the main process writes and locks."""
+    if is_remote(cfg.trainer.run_dir):
+        raise ConfigError(
+            f"trainer.run_dir={cfg.trainer.run_dir}: the run directory must be a filesystem "
+            "path (local disk, NFS, or a bucket mounted with gcsfuse): it holds the run's "
+            "lock, config, tokenizer and TensorBoard logs. Checkpoints can go to the bucket "
+            "itself: trainer.checkpoint_dir=" + cfg.trainer.run_dir.rstrip("/") + "/checkpoints")
     path = Path(cfg.trainer.run_dir)
     _refuse_foreign(path)
+    if overwrite and cfg.trainer.checkpoint_dir is not None:
+        _refuse_old_checkpoints(cfg.trainer.checkpoint_dir)
     if resume and not (path / CONFIG).exists():  # before a mistyped path gets created
         raise CheckpointError(f"--resume: {path} holds no run to resume")
     lock_fd = None
@@ -149,6 +159,16 @@ def _refuse_foreign(path: Path) -> None:
                           f"{MARKER} marker) and is not empty: it holds {_names(entries)}. "
                           "jaxzero writes only into its own or empty directories; choose "
                           "another trainer.run_dir")
+
+
+def _refuse_old_checkpoints(where: str) -> None:
+    """--overwrite deletes only the run directory: checkpoints kept elsewhere would be resumed
+    from, so a fresh start there is refused."""
+    directory = storage_path(where)
+    if directory.exists() and any(directory.iterdir()):
+        raise ConfigError(f"--overwrite: trainer.checkpoint_dir={where} holds checkpoints, "
+                          "which --overwrite does not delete (they are outside the run "
+                          "directory); delete them, or choose another trainer.checkpoint_dir")
 
 
 def _lock(path: Path) -> int:

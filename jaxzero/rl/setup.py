@@ -24,6 +24,7 @@ from jaxzero.parallel import distributed
 from jaxzero.rl import grpo
 from jaxzero.rl import run_dir as run_dir_lib
 from jaxzero.io.checkpoint import CheckpointStore
+from jaxzero.io.storage import non_atomic_warning, storage_path
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
 from jaxzero.monitor.writer import MetricsWriter
@@ -95,12 +96,14 @@ class RunFiles:
         return self.run_dir / "tb"
 
     @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def ckpt_dir(self):
+        """run_dir/checkpoints, or trainer.checkpoint_dir (a Path or a remote epath.Path)."""
+        return checkpoint_dir(self.cfg, self.run_dir)
 
     def last_good_checkpoint(self) -> str:
-        step = self.store.latest_step()
-        return f"{self.ckpt_dir}/{step}" if step is not None else "(none saved yet)"
+        """The newest committed checkpoint (a save still in flight is not one yet)."""
+        steps = self.store.committed_steps()
+        return f"{self.ckpt_dir}/{steps[-1]}" if steps else "(none saved yet)"
 
     def export_hf(self, params, out_dir: str, log=print) -> None:
         from jaxzero.io.hf import export_hf
@@ -108,6 +111,11 @@ class RunFiles:
                   dtype=self.cfg.model.param_dtype, tokenizer_src=self.run_dir / "tokenizer")
         if distributed.is_main_process():
             log(f"exported HF model to {out_dir}")
+
+
+def checkpoint_dir(cfg, run_dir: Path):
+    chosen = cfg.trainer.checkpoint_dir
+    return run_dir / "checkpoints" if chosen is None else storage_path(chosen)
 
 
 def _model_and_tokenizer(cfg, run_dir: Path):
@@ -233,11 +241,17 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
                                temperature=cfg.rollout.temperature)
     for line in fns.replicated:  # listed once: what the mesh cannot shard as the table asks
         log(f"sharding: {line}")
-    store = CheckpointStore(run_dir / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+    ckpt_dir = checkpoint_dir(cfg, run_dir)
+    if distributed.is_main_process():
+        for where in dict.fromkeys((run_dir, ckpt_dir)):
+            if (warning := non_atomic_warning(where)) is not None:
+                log(f"warning: {warning}")
+    store = CheckpointStore(ckpt_dir, keep=cfg.trainer.keep_checkpoints,
+                            async_save=cfg.trainer.async_checkpoint)
     ref_store = CheckpointStore(run_dir / "reference", keep=1)
     latest = store.latest_step()
     if resume and latest is None:
-        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
     abstract_arrays = {
         "params": abstract_on(abstract, fns.param_shardings),
         "opt_state": abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings),
@@ -270,9 +284,12 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
     return engine, files, TrainState(params, opt_state, loader, start_step)
 
 
-def close_run(engine: Engine, files: RunFiles) -> None:
-    files.store.wait()
-    files.store.close()
+def close_run(engine: Engine, files: RunFiles, *, wait_for_saves: bool = True) -> None:
+    """Waits for the save in flight and releases everything; `wait_for_saves=False` (a lost
+    peer, which that save's commit would wait for) leaves the checkpoint store as it is."""
+    if wait_for_saves:
+        files.store.wait()
+        files.store.close()
     engine.reward_worker.close()
     files.writer.close()
     if files.claim is not None:
@@ -290,7 +307,8 @@ def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool 
     saved = run.store.save(step, _pure({"params": state.params, "opt_state": state.opt_state}),
                            meta, force=force)
     if saved and distributed.is_main_process():
-        log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}")
+        background = " (writing in the background)" if run.cfg.trainer.async_checkpoint else ""
+        log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}{background}")
 
 
 def _pure(tree):

@@ -10,7 +10,6 @@ train.py does), except where the host needs them anyway (an eval, a save, the en
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -28,36 +27,9 @@ from jaxzero.rl.rollout import (Candidates, HostBatch, all_groups, assemble_batc
                                 training_samples)
 from jaxzero.rl.setup import (Engine, RunFiles, TrainState, close_run, save_checkpoint,
                               setup_run)
+from jaxzero.rl.stop import StopRequested, StopSignal, save_on_stop
 from jaxzero.rl.task import Record, Sample, TaskFactory
 from jaxzero.rl.train_step import TrainBatch
-
-
-class StopRequested(BaseException):
-    """SIGTERM/SIGINT before the loop runs (setup, the demo warm-up): nothing to save yet."""
-
-
-class _StopSignal:
-    """SIGTERM/SIGINT (preemption). During setup they interrupt at once (StopRequested);
-    once the loop runs they only ask it to finish the step, save and exit cleanly."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.interrupt = True
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
-        if self.interrupt:
-            raise StopRequested(self.received)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------- one step
@@ -322,11 +294,13 @@ class _Clock:
 
 
 def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Console,
-             stop: _StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
-    """Steps until files.total_steps (or the data ends, or `stop` is signalled); saves and
-    exports at the end. Returns the final state and the last step's metrics."""
+             stop: StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
+    """Steps until files.total_steps (or the data ends, or the processes agree that one was
+    signalled to stop); saves and exports at the end. Returns the final state and the last
+    step's metrics."""
     cfg = engine.cfg
-    stop = stop if stop is not None else _StopSignal()  # not entered: never signalled
+    stop = stop if stop is not None else StopSignal()  # not entered: never signalled
+    stopping = False
     total = files.total_steps
     clock = _Clock(state.step, total)
     last: dict[str, float] = {}
@@ -342,6 +316,7 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
         skips = skips + 1 if metrics["optim/skipped"] else 0
         if skips >= cfg.grpo.max_consecutive_skips:
             save_checkpoint(files, state, log=console.always, force=True)
+            files.store.wait()
             raise JaxzeroError(
                 f"{skips} consecutive updates had a non-finite loss or gradient norm; "
                 f"stopping. The last good checkpoint is {files.last_good_checkpoint()}")
@@ -376,23 +351,29 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
             state, pending = train_on(engine, state, rollouts, console)
         except StopIteration:
             break
+        stopping = stop.agreed()  # every step: all processes stop after the same one
         # trainer.seed_step_count: the seed validates once more after its last update.
         due_eval = cfg.trainer.eval_every and (
             state.step % cfg.trainer.eval_every == 0
-            or (cfg.trainer.seed_step_count and state.step == total and not stop.received))
+            or (cfg.trainer.seed_step_count and state.step == total and not stopping))
         due_save = state.step % cfg.trainer.save_every == 0
-        if due_eval or due_save or stop.received or state.step == total:
+        if due_eval or due_save or stopping or state.step == total:
             last = report(pending, time.perf_counter(), with_eval=bool(due_eval))
             pending = None
         if due_save:
             save_checkpoint(files, state, log=console.info)
-        if stop.received:
-            console.always(f"received {stop.received}: saving step {state.step} and exiting")
+        if stopping:
+            why = (f"received {stop.received}" if stop.received else
+                   "another process received a stop signal")
+            console.always(f"{why}: stopping after step {state.step}")
             break
     if pending is not None:
         last = report(pending, time.perf_counter())
+    if stopping:
+        save_on_stop(files, state, stop, console)
+        return state, last
     save_checkpoint(files, state, log=console.info, force=True)
-    if cfg.trainer.export_hf and not stop.received:
+    if cfg.trainer.export_hf:
         files.export_hf(state.params, cfg.trainer.export_hf, log=console.info)
     return state, last
 
@@ -423,7 +404,9 @@ def train(cfg, make_task: TaskFactory, *, resume: bool = False, overwrite: bool 
     """Runs (or resumes) a GRPO run of the task `make_task` builds; returns the last step's
     metrics. `json_log`, a text stream, gets one JSON object per step."""
     console = Console(log, quiet=quiet, json_out=json_log)
-    with _StopSignal() as stop:
+    # Several processes cannot stop one alone mid-setup (the others would wait in its
+    # collectives): a signal then is acted on at the first step's agreement.
+    with StopSignal(interrupt=jax.process_count() == 1) as stop:
         try:
             engine, files, state = setup_run(cfg, make_task, resume=resume,
                                              overwrite=overwrite, log=console.info)
@@ -434,7 +417,18 @@ def train(cfg, make_task: TaskFactory, *, resume: bool = False, overwrite: bool 
         stop.interrupt = False
         try:
             state, last = run_loop(engine, files, state, console, stop)
-        finally:
+        except jax.errors.JaxRuntimeError as err:
+            lost = None
+            if jax.process_count() > 1:
+                lost = distributed.peer_lost(err, files.last_good_checkpoint())
+            # A save in flight cannot commit without the lost peer: not waited for.
+            close_run(engine, files, wait_for_saves=lost is None)
+            if lost is not None:
+                raise lost from err
+            raise
+        except BaseException:
             close_run(engine, files)
+            raise
+        close_run(engine, files)
     _summary(files, state, console)
     return last

@@ -191,8 +191,8 @@ CRASHING_SAVER = textwrap.dedent("""
     from orbax.checkpoint._src.path import atomicity
     from jaxzero.io.checkpoint import CheckpointStore
 
-    directory, method, target = sys.argv[1:]
-    store = CheckpointStore(directory)
+    directory, method, target, async_save = sys.argv[1:]
+    store = CheckpointStore(directory, async_save=async_save == "async")
     store.save(1, {"w": jnp.full((256, 256), 1.0)}, {"step": 1})
     store.wait()
 
@@ -213,20 +213,27 @@ CRASHING_SAVER = textwrap.dedent("""
     setattr(cls, method, hang_at_target)
     store.save(2, {"w": jnp.full((256, 256), 2.0)}, {"step": 2})
     print("save returned", flush=True)
+    store.wait()   # async: the write goes on in the background, as the next steps run
 """)
 
 
 # Killed after creating the step's temporary directory, after writing and committing the
-# array item inside it, and just before the step directory's own commit rename.
-@pytest.mark.parametrize("method,target", [("create", "2"), ("finalize", "arrays"),
-                                           ("finalize", "2")])
-def test_killed_save_leaves_previous_checkpoint(tmp_path, method, target):
+# array item inside it, and just before the step directory's own commit rename; an async
+# save is killed in its background thread, after `save` returned.
+@pytest.mark.parametrize("method,target,mode", [
+    ("create", "2", "sync"), ("finalize", "arrays", "sync"), ("finalize", "2", "sync"),
+    ("finalize", "arrays", "async"), ("finalize", "2", "async")])
+def test_killed_save_leaves_previous_checkpoint(tmp_path, method, target, mode):
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_SAVER, str(tmp_path), method,
-                             target], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=dict(os.environ))
+                             target, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "hanging", line
+        lines = [proc.stdout.readline().strip()]
+        if mode == "async":   # save() returns while its write goes on (to the hang)
+            lines.append(proc.stdout.readline().strip())
+            assert sorted(lines) == ["hanging", "save returned"], lines
+        else:
+            assert lines == ["hanging"], lines
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()

@@ -295,3 +295,28 @@ def test_restart_before_the_first_checkpoint_and_past_a_damaged_one(tmp_path):
     _save(run, 4)   # the set-aside step can be saved again
     assert run[1].store.all_steps() == [2, 4]
     _close(run)
+
+
+# ---------------------------------------------------------------- storage elsewhere
+
+def test_a_remote_run_dir_is_refused_naming_checkpoint_dir(committed):
+    cfg, _, model, train = committed
+    remote = _cfg("gs://bucket/runs/7b", model, train)
+    with pytest.raises(ConfigError, match=r"trainer.run_dir=gs://bucket/runs/7b: the run "
+                       r"directory must be a filesystem path .*trainer.checkpoint_dir="
+                       r"gs://bucket/runs/7b/checkpoints"):
+        rd.open_run_dir(remote, resume=False, overwrite=False, main=True)
+
+
+def test_overwrite_refuses_checkpoints_kept_outside_the_run_dir(committed, tmp_path):
+    _, run, model, train = committed
+    outside = tmp_path / "elsewhere"
+    cfg = _cfg(run, model, train, checkpoint_dir=str(outside))
+    claim = rd.open_run_dir(cfg, resume=False, overwrite=True, main=True)  # none there yet
+    claim.close()
+    (outside / "2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"--overwrite: trainer.checkpoint_dir={outside} "
+                                          "holds checkpoints, which --overwrite does not "
+                                          "delete"):
+        rd.open_run_dir(cfg, resume=False, overwrite=True, main=True)
+    assert (outside / "2").is_dir()
