@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxzero.model.config import Qwen2Config
 from jax.sharding import Mesh, NamedSharding
 
+from jaxzero.model.attention import AttentionMask, attend
+from jaxzero.model.config import Qwen2Config
 from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, constrain, fit_spec
-
-_MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +116,7 @@ class Attention(nnx.Module):
         self.config = config
         self.options = options
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(cd))
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
@@ -139,19 +138,8 @@ class Attention(nnx.Module):
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-        b, t = x_BTD.shape[:2]
-        s = k_BSKH.shape[1]
-        q_BTKQH = q_BTNH.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-        logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(cd),
-                                  preferred_element_type=jnp.float32)
-        logits_BKQTS = constrain(logits_BKQTS * (cfg.head_dim ** -0.5), shd.scores_BKQTS)
-        allowed_BTS = (jnp.arange(s)[None, None, :] <= query_slot_BT[:, :, None]) & \
-            key_valid_BS[:, None, :]
-        logits_BKQTS = jnp.where(allowed_BTS[:, None, None], logits_BKQTS, _MASKED)
-        probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(cd)
-        out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(cd))
-        out_BTNH = constrain(out_BTKQH.reshape(b, t, cfg.num_attention_heads, cfg.head_dim),
-                             shd.act_BTNH)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd)
+        out_BTNH = constrain(out_BTNH, shd.act_BTNH)
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(cd)), cache
 
 
@@ -182,16 +170,16 @@ class Block(nnx.Module):
         self.mlp = MLP(config, options, rngs)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         attn_BTD, cache = self.attn(rms_norm(x_BTD, self.attn_norm_D[...], self.eps),
-                                    positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+                                    positions_BT, mask, layer, cache)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(rms_norm(x_BTD, self.mlp_norm_D[...], self.eps))
         return x_BTD, cache
 
 
-def _run_block(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
-    return block(x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+def _run_block(block, x_BTD, positions_BT, mask, layer, cache):
+    return block(x_BTD, positions_BT, mask, layer, cache)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -239,10 +227,10 @@ class Qwen2ForCausalLM(nnx.Module):
             key_valid_BS = jax.lax.dynamic_update_slice(
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
-        run = nnx.remat(_run_block, static_argnums=(5,)) if self.options.remat else _run_block
+        mask = AttentionMask(query_slot_BT, key_valid_BS)
+        run = nnx.remat(_run_block, static_argnums=(4,)) if self.options.remat else _run_block
         for layer, block in enumerate(self.layers):
-            x_BTD, cache = run(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer,
-                               cache)
+            x_BTD, cache = run(block, x_BTD, positions_BT, mask, layer, cache)
             x_BTD = constrain(x_BTD, shd.act_BTD)
         if cache is not None:
             cache = cache._replace(end=cache.end + t)
