@@ -38,7 +38,12 @@ class AttentionMask:
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask, *,
            compute_dtype, sharding: ShardingConfig) -> jax.Array:
     """softmax(q·k / sqrt(H), masked) · v over the K key/value heads, each shared by Q query
-    heads; [B, T, N, H] in the compute dtype. Scores and softmax are float32."""
+    heads; [B, T, N, H] in the compute dtype. Scores and softmax are float32.
+
+    Only the first S slots of the keys and values are read, S the mask's key width (a cache
+    holds more slots than a decode step has filled)."""
+    s = mask.key_valid_BS.shape[1]
+    k_BSKH, v_BSKH = k_BSKH[:, :s], v_BSKH[:, :s]
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]
     q_BTKQH = q_BTNH.reshape(b, t, k, n // k, h)

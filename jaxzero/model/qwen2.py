@@ -202,18 +202,21 @@ class Qwen2ForCausalLM(nnx.Module):
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
-    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,
+                      read_slots: int | None = None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
         Without a cache, tokens attend causally to the valid tokens of this call. With one,
         the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
-        valid slot up to their own.
+        valid slot up to their own; `read_slots` (static) reads only the cache's first slots,
+        which must hold every slot written so far.
         """
         return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
-                                                  cache)
+                                                  cache, read_slots)
 
     def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
-                                      cache: KVCache | None = None):
+                                      cache: KVCache | None = None,
+                                      read_slots: int | None = None):
         """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
@@ -227,6 +230,7 @@ class Qwen2ForCausalLM(nnx.Module):
             key_valid_BS = jax.lax.dynamic_update_slice(
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
+            key_valid_BS = key_valid_BS[:, :read_slots]  # attend reads as many slots
         mask = AttentionMask(query_slot_BT, key_valid_BS)
         run = nnx.remat(_run_block, static_argnums=(4,)) if self.options.remat else _run_block
         for layer, block in enumerate(self.layers):
@@ -245,11 +249,12 @@ class Qwen2ForCausalLM(nnx.Module):
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, w_VD, preferred_element_type=jnp.float32)
         return constrain(logits_BTV, self.options.sharding.logits_BTV)
 
-    def __call__(self, tokens_BT, valid_BT=None, positions_BT=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BT, valid_BT=None, positions_BT=None, cache: KVCache | None = None,
+                 read_slots: int | None = None):
         """Float32 logits [B, T, V] and the updated cache (None without one)."""
         if valid_BT is None:
             valid_BT = jnp.ones(tokens_BT.shape, jnp.bool_)
-        h_BTD, cache = self.hidden_states(tokens_BT, valid_BT, positions_BT, cache)
+        h_BTD, cache = self.hidden_states(tokens_BT, valid_BT, positions_BT, cache, read_slots)
         return self.logits(h_BTD), cache
 
 
