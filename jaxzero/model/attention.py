@@ -52,5 +52,6 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Attent
     logits_BKQTS = constrain(logits_BKQTS * (h ** -0.5), sharding.scores_BKQTS)
     logits_BKQTS = jnp.where(mask.allowed_BTS()[:, None, None], logits_BKQTS, _MASKED)
     probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(compute_dtype)
-    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype))
+    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype),
+                           preferred_element_type=jnp.float32).astype(compute_dtype)
     return out_BTKQH.reshape(b, t, n, h)

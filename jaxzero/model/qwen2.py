@@ -95,6 +95,25 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return out.astype(x_BTNH.dtype)
 
 
+def project(equation: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """A weight matmul in the compute dtype, accumulated in float32 and rounded once (what
+    GPU and TPU matmuls do). Asking for the float32 result also keeps XLA:CPU from upcasting
+    bfloat16 weights itself, which in a decode loop it hoists into float32 copies of every
+    weight carried through the loop."""
+    return jnp.einsum(equation, x, w.astype(compute_dtype),
+                      preferred_element_type=jnp.float32).astype(compute_dtype)
+
+
+def take_rows(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """Rows of an embedding table [B, T, D]. A 16-bit table is gathered as 16-bit integers:
+    XLA:CPU gathers bfloat16 in float32, and in a decode loop hoists that float32 copy of
+    the whole table out of the loop (a free bitcast on every backend)."""
+    if table_VD.dtype.itemsize != 2:
+        return jnp.take(table_VD, tokens_BT, axis=0)
+    bits_VD = jax.lax.bitcast_convert_type(table_VD, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits_VD, tokens_BT, axis=0), table_VD.dtype)
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -118,11 +137,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(cd))
+        q_BTNH = project("BTD,DNH->BTNH", x_BTD, self.q_DNH[...], cd)
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
-        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(cd))
+        k_BTKH = project("BTD,DKH->BTKH", x_BTD, self.k_DKH[...], cd)
         k_BTKH = constrain(k_BTKH + self.k_bias_KH[...].astype(cd), shd.act_BTKH)
-        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(cd))
+        v_BTKH = project("BTD,DKH->BTKH", x_BTD, self.v_DKH[...], cd)
         v_BTKH = constrain(v_BTKH + self.v_bias_KH[...].astype(cd), shd.act_BTKH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
@@ -140,7 +159,7 @@ class Attention(nnx.Module):
 
         out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd)
         out_BTNH = constrain(out_BTNH, shd.act_BTNH)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(cd)), cache
+        return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], cd), cache
 
 
 class MLP(nnx.Module):
@@ -155,10 +174,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         cd, shd = self.options.compute_dtype, self.options.sharding
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(cd))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(cd))
+        gate_BTF = project("BTD,DF->BTF", x_BTD, self.gate_DF[...], cd)
+        up_BTF = project("BTD,DF->BTF", x_BTD, self.up_DF[...], cd)
         hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, shd.act_BTF)
-        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.down_FD[...].astype(cd))
+        return project("BTF,FD->BTD", hidden_BTF, self.down_FD[...], cd)
 
 
 class Block(nnx.Module):
@@ -199,7 +218,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def embed(self, tokens_BT) -> jax.Array:
         """Input embeddings [B, T, D] in the compute dtype."""
-        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
+        x_BTD = take_rows(self.embed_VD[...], tokens_BT).astype(self.options.compute_dtype)
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
     def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxzero.errors import ConfigError
-from jaxzero.model.qwen2 import KVCache
+from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, constrain,
                                        param_shardings, put_global)
@@ -397,6 +397,14 @@ class SamplerLoop:
 
 
 # ----------------------------------------------------------------------------- host API
+
+
+def decode_model(config: Qwen2Config, options: ModelOptions, table: ShardingConfig):
+    """The graphdef of the rollout copy of a model built with `options`: parameters in the
+    compute dtype, no remat (nothing is differentiated), constraints from the decode table."""
+    decode = dataclasses.replace(options, param_dtype=options.compute_dtype, remat=False,
+                                 sharding=table)
+    return abstract_model(config, decode)[0]
 
 
 def _axes(spec) -> tuple[str, ...]:
