@@ -71,6 +71,9 @@ class ModelConfig(_Section):
     compute_dtype: Dtype = "bfloat16"
     remat: Literal["none", "block"] = "block"
     tokenizer: str | None = None  # None: the tokenizer beside `path`
+    # Attention of training passes and prefills: auto is cudnn on GPU, splash on TPU, einsum
+    # on CPU; decode steps read the filled cache blocks with the einsum everywhere.
+    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "auto"
 
     def _validate(self) -> None:
         if self.demo:

@@ -39,6 +39,7 @@ class ModelOptions:
     compute_dtype: jnp.dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass
     sharding: ShardingConfig = FSDP_TP  # activation constraints (they bind under a mesh)
+    attention: str = "einsum"  # an implementation of `attention.attend` (model.attention)
 
 
 class KVCache(NamedTuple):
@@ -157,7 +158,8 @@ class Attention(nnx.Module):
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd,
+                          implementation=self.options.attention)
         out_BTNH = constrain(out_BTNH, shd.act_BTNH)
         return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], cd), cache
 

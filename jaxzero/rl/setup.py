@@ -27,6 +27,7 @@ from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
 from jaxzero.monitor.writer import MetricsWriter
+from jaxzero.model.attention import resolve_attention
 from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.rl.rollout import RewardWorker
@@ -234,7 +235,10 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
-                           remat=cfg.model.remat == "block")
+                           remat=cfg.model.remat == "block",
+                           attention=resolve_attention(cfg.model.attention,
+                                                       jax.default_backend(),
+                                                       cfg.model.compute_dtype))
     graphdef, abstract = abstract_model(model_config, options)
     loader = make_loader(cfg, task.train_records)
     steps = total_steps(cfg, loader)
