@@ -74,6 +74,13 @@ class SamplerConfig:
         block = self.block(slots)
         return -(-slots // block) * block
 
+    def read_index(self, end, slots: int):
+        """Which of `read_prefixes(slots)` a chunk reads that starts with `end` slots filled
+        (traced in the loop, an int when counting): the blocks its last step reads."""
+        prefixes, block = self.read_prefixes(slots), self.block(slots)
+        need = -(-(end + self.chunk) // block)
+        return jnp.clip(need - prefixes[0] // block, 0, len(prefixes) - 1)
+
     def block(self, slots: int) -> int:
         """The block width of a cache of `slots` (one block when it is no wider)."""
         return slots if self.cache_block is None else min(self.cache_block, slots)
@@ -344,7 +351,6 @@ class SamplerLoop:
         stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
         slots = cache.k_LBSKH.shape[2]
         prefixes = config.read_prefixes(slots)
-        block = config.block(slots)
 
         def record(s: DecodeState, logits_BV, cache) -> DecodeState:
             live_B = ~s.done_B & (s.step < r)  # the steps past R of the last chunk write pads
@@ -376,9 +382,7 @@ class SamplerLoop:
                   for read in prefixes]
 
         def chunk(s: DecodeState) -> DecodeState:
-            need = -(-(s.cache.end + w) // block)  # blocks by the chunk's last read
-            index = jnp.clip(need - prefixes[0] // block, 0, len(prefixes) - 1)
-            return jax.lax.switch(index, chunks, s)
+            return jax.lax.switch(config.read_index(s.cache.end, slots), chunks, s)
 
         def more(s: DecodeState):
             return (s.step < r) & ~jnp.all(s.done_B)
