@@ -83,9 +83,9 @@ def decode_bytes(cfg, config, prompt_len: int, rows: int, copy_bytes: int) -> fl
     prefixes = config.read_prefixes(slots)
     per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     total = 0.0
-    for start in range(1, config.steps, config.chunk):
+    for start in range(1, config.steps, config.chunk_steps):
         read = prefixes[int(config.read_index(prompt_len + start - 1, slots))]
-        total += config.chunk * (copy_bytes + rows * read * per_slot)
+        total += config.chunk_steps * (copy_bytes + rows * read * per_slot)
     return total
 
 

@@ -1,12 +1,20 @@
-"""Batched sampling from the Qwen2 model: a bucketed jitted prefill, then one while_loop decode.
+"""Batched sampling from the Qwen2 model: a bucketed jitted prefill, then a chunked decode.
 
 Shapes as in `jaxzero.model.qwen2`: P prompts, n samples each (G; B = P·n rows, a prompt's
-samples contiguous), T the prompt bucket, R = max_new_tokens, S = T + R cache slots.
+samples contiguous), T the prompt bucket, R = max_new_tokens, S = T + R (rounded up to whole
+chunks) cache slots; W = `SamplerConfig.chunk` steps per chunk.
+
+The decode is a while loop over chunks, each a fixed-trip loop of W token steps reading only
+the cache blocks written so far, so nothing but the all-stopped check (between chunks) and
+the choice of cache prefix (one per chunk) is decided on the device per token. The sampling
+strategy (greedy, top-k, top-p) is static, its values traced.
 
 Everything that changes between calls of a run is an array (prompts, the PRNG key, the
 sampling parameters), so the prefill compiles once per (bucket, P, n) and the decode once per
-(bucket, P·n). What is static is the frozen `SamplerLoop`: the model's graphdef, the frozen
-`SamplerConfig` (token budget, stop ids, pad id), n, the mesh and the sharding table.
+(bucket, P·n, strategy). What is static is the frozen `SamplerLoop`: the model's graphdef, the
+frozen `SamplerConfig` (token budget, stop ids, pad id, chunk, cache block), n, the strategy,
+the mesh and the sharding table. The rollouts decode a copy of the policy in the compute dtype
+on its own decode layout (`Sampler.decode_params`, `parallel.sharding.decode_table`).
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ class SamplerConfig:
     buckets: tuple[int, ...] = (128, 256, 512, 1024)
     cache_dtype: str | None = None  # None: the model's compute dtype
     max_prompts_per_call: int | None = None  # None: every prompt of a generate() in one call
-    # Decode steps per fixed-trip chunk: the all-stopped check runs only between chunks.
+    # Decode steps per fixed-trip chunk (at most): the all-stopped check runs only between
+    # chunks.
     chunk: int = 16
-    # Cache slots come in blocks this wide; a chunk reads only the blocks written so far
+    # A chunk reads the cache in whole blocks this wide, only those written by its end
     # (None: every chunk reads the whole cache).
     cache_block: int | None = 128
 
@@ -62,35 +71,43 @@ class SamplerConfig:
             raise ConfigError(f"cache_block={self.cache_block}; use None or >= 1")
 
     @property
+    def chunk_steps(self) -> int:
+        """Steps per chunk: at most `chunk`, evened out over the R - 1 steps after the first
+        token so the last chunk runs as few steps past R as it can."""
+        rest = self.max_new_tokens - 1
+        if rest == 0:
+            return 1
+        return -(-rest // -(-rest // self.chunk))
+
+    @property
     def steps(self) -> int:
         """Token columns the decode writes: the first token, then whole chunks (at least
         max_new_tokens; the columns past it are dropped)."""
-        return 1 + -(-(self.max_new_tokens - 1) // self.chunk) * self.chunk
+        w = self.chunk_steps
+        return 1 + -(-(self.max_new_tokens - 1) // w) * w
 
     def cache_slots(self, prompt_len: int) -> int:
-        """Cache slots for a prompt bucket: the prompt and every decode step, in whole
-        blocks."""
-        slots = prompt_len + self.steps
+        """Cache slots for a prompt bucket: the prompt and every decode step."""
+        return prompt_len + self.steps
+
+    def read_prefixes(self, slots: int) -> tuple[int, ...]:
+        """The cache prefixes a chunk may read: whole blocks from the first chunk's on, each
+        at least a block short of the whole cache (of `slots`, the prompt taking
+        `slots - steps`), then the whole cache."""
         block = self.block(slots)
-        return -(-slots // block) * block
+        first = slots - self.steps + self.chunk_steps
+        return tuple(range(-(-first // block) * block, slots - block + 1, block)) + (slots,)
 
     def read_index(self, end, slots: int):
         """Which of `read_prefixes(slots)` a chunk reads that starts with `end` slots filled
         (traced in the loop, an int when counting): the blocks its last step reads."""
         prefixes, block = self.read_prefixes(slots), self.block(slots)
-        need = -(-(end + self.chunk) // block)
+        need = -(-(end + self.chunk_steps) // block)
         return jnp.clip(need - prefixes[0] // block, 0, len(prefixes) - 1)
 
     def block(self, slots: int) -> int:
         """The block width of a cache of `slots` (one block when it is no wider)."""
         return slots if self.cache_block is None else min(self.cache_block, slots)
-
-    def read_prefixes(self, slots: int) -> tuple[int, ...]:
-        """The cache prefixes a chunk may read (whole blocks, the longest all `slots`), for a
-        cache of `slots` whose prompt takes at least `slots - steps - block + 1` of them."""
-        block = self.block(slots)
-        first = max(slots - self.steps - block + 1 + self.chunk, 1)
-        return tuple(range(-(-first // block) * block, slots, block)) + (slots,)
 
 
 class SamplingParams(NamedTuple):
@@ -337,7 +354,7 @@ class SamplerLoop:
     def decode(self, params, cache: KVCache, logits_BV, positions_B, key,
                sampling: SamplingParams) -> Decoded:
         """Samples R tokens per row after `prefill`; stops early once every row has stopped
-        (checked between chunks of `config.chunk` steps).
+        (checked between chunks of `config.chunk_steps` steps).
 
         `positions_B` is each row's prompt length (the position of its first new token).
         """
@@ -347,7 +364,7 @@ class SamplerLoop:
 
     def _decode(self, model, cache, logits_BV, positions_B, key, sampling) -> Decoded:
         config, shd = self.config, self.sharding
-        b, r, w = logits_BV.shape[0], config.max_new_tokens, config.chunk
+        b, r, w = logits_BV.shape[0], config.max_new_tokens, config.chunk_steps
         stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
         slots = cache.k_LBSKH.shape[2]
         prefixes = config.read_prefixes(slots)

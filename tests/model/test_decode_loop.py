@@ -132,12 +132,13 @@ def test_loop_matches_the_token_by_token_reference_and_stops_mid_chunk(model, ca
 
 
 def test_reading_only_the_filled_blocks_changes_nothing(model):
-    """Blocks of 8 slots (a chunk reads 16, 24 or all 32 slots) against one whole-cache
-    read, on a sampled strategy."""
+    """Blocks of 8 slots (a chunk reads 16 slots, or all 25) against one whole-cache read, on
+    a sampled strategy."""
     graphdef, state = model
     config = SamplerConfig(R, (), PAD, chunk=CHUNK, cache_block=BLOCK)
-    assert config.steps == 17 and config.cache_slots(8) == 32  # 8 + 17 in whole blocks
-    assert config.read_prefixes(32) == (16, 24, 32)
+    assert config.steps == 17 and config.cache_slots(8) == 25
+    assert config.read_prefixes(25) == (16, 25)  # 24 would save less than a block
+    assert [int(config.read_index(8 + start - 1, 25)) for start in (1, 5, 9, 13)] == [0, 0, 1, 1]
     blocked = _sampler(graphdef).generate(state, PROMPTS, key=jax.random.key(2), n=2,
                                           temperature=0.9, top_k=10)
     whole = _sampler(graphdef, cache_block=None).generate(

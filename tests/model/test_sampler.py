@@ -272,7 +272,7 @@ def test_cache_and_rows_land_on_the_tables_shardings(models):
     assert want.k_LBSKH.spec == P(None, ("data", "fsdp"), None, "tensor", None)
     assert cache.k_LBSKH.sharding.is_equivalent_to(want.k_LBSKH, 5)
     slots = sampler.config.cache_slots(8)
-    assert slots == 8 + 17  # the first token, then one chunk of 16 steps
+    assert slots == 8 + 3  # the first token, then one chunk of 2 steps
     assert cache.k_LBSKH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, slots, 1, 8)
     assert cache.valid_BS.sharding.is_equivalent_to(want.valid_BS, 2)
     out = loop.decode(placed, cache, logits_BV, sampler._put(valid_PT.sum(1).repeat(2)),

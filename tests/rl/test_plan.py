@@ -10,7 +10,7 @@ from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
 
 @pytest.mark.parametrize("layout", ["replicated", "tensor"])
 def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
-    """B = 8 rows, S = 8 + 17 slots (the first token, then one chunk of 16), bfloat16 compute.
+    """B = 8 rows, S = 8 + 4 slots (the first token, then one chunk of 3), bfloat16 compute.
     Replicated: the whole copy per device, rows over all 8 devices, K = 2 heads whole.
     Tensor over (fsdp 4 × tensor 2): heads, MLP and vocab over 8 devices where they divide
     (K = 2 does not), rows over data = 1."""
@@ -18,7 +18,7 @@ def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
                         param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
                         remat=False, use_kl=False, decode_layout=layout)
     report = plan_memory(TINY, inputs, make_mesh(1, 4, 2))
-    layers, slots, h = TINY.num_hidden_layers, 25, TINY.head_dim
+    layers, slots, h = TINY.num_hidden_layers, 12, TINY.head_dim
     rows, heads = (8 // 8, 2) if layout == "replicated" else (8, 2)
     kv = 2 * layers * rows * slots * heads * h * 2
     assert report.decode_layout == layout
