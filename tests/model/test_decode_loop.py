@@ -109,7 +109,7 @@ def _stopped_at(tokens_BR, logps_BR, stop):
     return tokens, logps, np.array(lengths)
 
 
-@pytest.mark.parametrize("case", ["greedy", "top-k-top-p"])
+@pytest.mark.parametrize("case", ["greedy", pytest.param("top-k-top-p", marks=pytest.mark.slow)])
 def test_loop_matches_the_token_by_token_reference_and_stops_mid_chunk(model, case):
     graphdef, state = model
     temperature, top_p, top_k = CASES[case]

@@ -100,6 +100,7 @@ def test_auto_layout_replicates_small_copies_and_splits_large_ones_within_a_host
     assert ShardingConfig.decode_replicated().embed_VD == P()
 
 
+@pytest.mark.slow
 def test_tensor_layout_decodes_what_the_replicated_one_does():
     """On (data 2, fsdp 2, tensor 2) the tensor copy splits heads, MLP and vocab over 4
     devices and rows over 2; greedy tokens match the replicated copy's."""
