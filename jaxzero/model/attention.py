@@ -110,8 +110,7 @@ def _einsum(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding
     logits_BKQTS = constrain(logits_BKQTS * (h ** -0.5), sharding.scores_BKQTS)
     logits_BKQTS = jnp.where(mask.allowed_BTS()[:, None, None], logits_BKQTS, _MASKED)
     probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(compute_dtype)
-    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype),
-                           preferred_element_type=jnp.float32).astype(compute_dtype)
+    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype))
     return out_BTKQH.reshape(b, t, n, h)
 
 

@@ -40,6 +40,7 @@ class ModelOptions:
     remat: bool = False  # rematerialise each block in the backward pass
     sharding: ShardingConfig = FSDP_TP  # activation constraints (they bind under a mesh)
     attention: str = "einsum"  # an implementation of `attention.attend` (model.attention)
+    forward_only: bool = False  # never differentiated (the rollout's decode copy)
 
 
 class KVCache(NamedTuple):
@@ -96,20 +97,25 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return out.astype(x_BTNH.dtype)
 
 
-def project(equation: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-    """A weight matmul in the compute dtype, accumulated in float32 and rounded once (what
-    GPU and TPU matmuls do). Asking for the float32 result also keeps XLA:CPU from upcasting
-    bfloat16 weights itself, which in a decode loop it hoists into float32 copies of every
-    weight carried through the loop."""
-    return jnp.einsum(equation, x, w.astype(compute_dtype),
-                      preferred_element_type=jnp.float32).astype(compute_dtype)
+def project(equation: str, x: jax.Array, w: jax.Array, options: "ModelOptions") -> jax.Array:
+    """A weight matmul in the compute dtype. A forward-only model accumulates in float32
+    and rounds once (what GPU and TPU matmuls do anyway): XLA:CPU would otherwise upcast the
+    bfloat16 weights itself and, in a decode loop, hoist float32 copies of every weight into
+    the loop's carry. Training keeps the plain product, whose gradient stays in the compute
+    dtype (a float32 result would make the backward matmuls float32)."""
+    cd = options.compute_dtype
+    if not options.forward_only:
+        return jnp.einsum(equation, x, w.astype(cd))
+    return jnp.einsum(equation, x, w.astype(cd),
+                      preferred_element_type=jnp.float32).astype(cd)
 
 
-def take_rows(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-    """Rows of an embedding table [B, T, D]. A 16-bit table is gathered as 16-bit integers:
-    XLA:CPU gathers bfloat16 in float32, and in a decode loop hoists that float32 copy of
-    the whole table out of the loop (a free bitcast on every backend)."""
-    if table_VD.dtype.itemsize != 2:
+def take_rows(table_VD: jax.Array, tokens_BT: jax.Array, options: "ModelOptions") -> jax.Array:
+    """Rows of an embedding table [B, T, D]. A forward-only model gathers a 16-bit table as
+    16-bit integers: XLA:CPU gathers bfloat16 in float32 and, in a decode loop, hoists that
+    float32 copy of the whole table out of the loop (the bitcast is free everywhere, but
+    has no gradient)."""
+    if not options.forward_only or table_VD.dtype.itemsize != 2:
         return jnp.take(table_VD, tokens_BT, axis=0)
     bits_VD = jax.lax.bitcast_convert_type(table_VD, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.take(bits_VD, tokens_BT, axis=0), table_VD.dtype)
@@ -138,11 +144,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
-        q_BTNH = project("BTD,DNH->BTNH", x_BTD, self.q_DNH[...], cd)
+        q_BTNH = project("BTD,DNH->BTNH", x_BTD, self.q_DNH[...], self.options)
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
-        k_BTKH = project("BTD,DKH->BTKH", x_BTD, self.k_DKH[...], cd)
+        k_BTKH = project("BTD,DKH->BTKH", x_BTD, self.k_DKH[...], self.options)
         k_BTKH = constrain(k_BTKH + self.k_bias_KH[...].astype(cd), shd.act_BTKH)
-        v_BTKH = project("BTD,DKH->BTKH", x_BTD, self.v_DKH[...], cd)
+        v_BTKH = project("BTD,DKH->BTKH", x_BTD, self.v_DKH[...], self.options)
         v_BTKH = constrain(v_BTKH + self.v_bias_KH[...].astype(cd), shd.act_BTKH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
@@ -161,7 +167,7 @@ class Attention(nnx.Module):
         out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd,
                           implementation=self.options.attention)
         out_BTNH = constrain(out_BTNH, shd.act_BTNH)
-        return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], cd), cache
+        return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], self.options), cache
 
 
 class MLP(nnx.Module):
@@ -175,11 +181,11 @@ class MLP(nnx.Module):
         self.options = options
 
     def __call__(self, x_BTD):
-        cd, shd = self.options.compute_dtype, self.options.sharding
-        gate_BTF = project("BTD,DF->BTF", x_BTD, self.gate_DF[...], cd)
-        up_BTF = project("BTD,DF->BTF", x_BTD, self.up_DF[...], cd)
+        shd = self.options.sharding
+        gate_BTF = project("BTD,DF->BTF", x_BTD, self.gate_DF[...], self.options)
+        up_BTF = project("BTD,DF->BTF", x_BTD, self.up_DF[...], self.options)
         hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, shd.act_BTF)
-        return project("BTF,FD->BTD", hidden_BTF, self.down_FD[...], cd)
+        return project("BTF,FD->BTD", hidden_BTF, self.down_FD[...], self.options)
 
 
 class Block(nnx.Module):
@@ -220,7 +226,8 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def embed(self, tokens_BT) -> jax.Array:
         """Input embeddings [B, T, D] in the compute dtype."""
-        x_BTD = take_rows(self.embed_VD[...], tokens_BT).astype(self.options.compute_dtype)
+        x_BTD = take_rows(self.embed_VD[...], tokens_BT, self.options)
+        x_BTD = x_BTD.astype(self.options.compute_dtype)
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
     def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,

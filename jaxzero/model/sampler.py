@@ -422,9 +422,10 @@ class SamplerLoop:
 
 def decode_model(config: Qwen2Config, options: ModelOptions, table: ShardingConfig):
     """The graphdef of the rollout copy of a model built with `options`: parameters in the
-    compute dtype, no remat (nothing is differentiated), constraints from the decode table."""
+    compute dtype, forward-only (no remat; nothing is differentiated), constraints from the
+    decode table."""
     decode = dataclasses.replace(options, param_dtype=options.compute_dtype, remat=False,
-                                 sharding=table)
+                                 sharding=table, forward_only=True)
     return abstract_model(config, decode)[0]
 
 

@@ -69,7 +69,8 @@ def _all_gathers(hlo: str) -> int:
 
 def test_the_decode_loop_carries_no_float32_weight_and_gathers_nothing():
     """Checked on the code before the copy, the same reading found float32 gate/up/down
-    replicas in the loop's carry and 16 all-gathers (hoisted out of the loop)."""
+    replicas in the loop's carry and 16 all-gathers (hoisted out of the loop), as it still
+    finds when the trainer's parameters are decoded directly."""
     cfg, mesh, graphdef, params = _training_rollout()
     sampler = setup.build_sampler(cfg, TINY, OPTIONS, mesh, stop_ids=(1,), pad_id=0,
                                   log=lambda _: None)
@@ -81,10 +82,11 @@ def test_the_decode_loop_carries_no_float32_weight_and_gathers_nothing():
     assert _f32_weights_in_carries(hlo) == []
     assert _all_gathers(hlo) == 0  # none per token, none hoisted out of the loop either
 
-    # Decoding the trainer's FSDP shards directly gathers every weight in the program.
+    # Decoding the trainer's float32 FSDP shards directly, as before the copy, fails both.
     direct = Sampler(graphdef, TINY, max_new_tokens=6, stop_ids=(1,), pad_id=0, buckets=(8,),
                      mesh=mesh, chunk=3)
-    assert _all_gathers(_decode_hlo(direct, params)) > 0
+    hlo = _decode_hlo(direct, params)
+    assert _f32_weights_in_carries(hlo) and _all_gathers(hlo) > 0
 
 
 def test_auto_layout_replicates_small_copies_and_splits_large_ones_within_a_host():
