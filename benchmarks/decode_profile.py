@@ -37,7 +37,8 @@ from flax import nnx
 
 from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
 from jaxzero.model.config import preset
-from jaxzero.model.sampler import Sampled, Sampler, SamplingParams, sample_token
+from jaxzero.model.sampler import Sampler
+from jaxzero.model.sampling import Sampled, SamplingParams, sample_token
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hardware import best_seconds  # noqa: E402

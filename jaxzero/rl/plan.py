@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 from jaxzero.rl import grpo
 from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.model.sampler import Sampled, Sampler, SamplingParams, decode_model
+from jaxzero.model.sampler import Sampler, decode_model
+from jaxzero.model.sampling import Sampled, SamplingParams
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, batch_sharding,
                                        bytes_per_device, choose_decode_layout, decode_table,
                                        param_shardings)

@@ -11,9 +11,9 @@ from flax import nnx
 
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.qwen2 import init_model
-from jaxzero.model.sampler import (Greedy, Sampled, Sampler, SamplerConfig, SamplingParams,
-                                   _draw, _ordered, _top_k, _top_p, pad_prompts, sample_token,
-                                   strategy_for)
+from jaxzero.model.sampler import Sampler, SamplerConfig, pad_prompts
+from jaxzero.model.sampling import (Greedy, Sampled, SamplingParams, _draw, _ordered, _top_k,
+                                    _top_p, sample_token, strategy_for)
 
 VOCAB, PAD = 64, 0
 CONFIG = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,

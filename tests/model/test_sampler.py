@@ -15,9 +15,9 @@ from scipy import stats
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.model.sampler import (Sampler, SamplingParams, _draw, _ordered, _top_k, _top_p,
-                                  finish_reasons, SamplerLoop, pad_prompts, sample_token,
-                                  strategy_for)
+from jaxzero.model.sampler import Sampler, SamplerLoop, finish_reasons, pad_prompts
+from jaxzero.model.sampling import (SamplingParams, _ordered, _top_k, _top_p, sample_token,
+                                    strategy_for)
 from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, make_mesh, param_shardings
 
 VOCAB, PAD = 96, 0

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from jaxzero.config.schema import config_from_dict
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import ModelOptions, init_model
-from jaxzero.model.sampler import Sampler, SamplingParams, pad_prompts
+from jaxzero.model.sampler import Sampler, pad_prompts
+from jaxzero.model.sampling import SamplingParams
 from jaxzero.parallel.sharding import (ShardingConfig, choose_decode_layout, make_mesh,
                                        param_shardings)
 from jaxzero.rl import setup
