@@ -37,7 +37,8 @@ from flax import nnx
 
 from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
 from jaxzero.model.config import preset
-from jaxzero.model.sampler import Sampler, SamplingParams, sample_token
+from jaxzero.model.sampler import Sampler
+from jaxzero.model.sampling import Sampled, SamplingParams, sample_token
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hardware import best_seconds  # noqa: E402
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
                                               preferred_element_type=jnp.float32))
     logits_BV = jax.random.normal(jax.random.key(0), (BATCH, cfg.vocab_size), jnp.float32)
     params = SamplingParams.make(1.0)
-    sample = jax.jit(lambda l, k: sample_token(l, k, params))
+    sample = jax.jit(lambda l, k: sample_token(l, k, params, Sampled()))
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 150_000, rng.integers(64, 129)).tolist() for _ in range(8)]

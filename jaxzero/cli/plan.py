@@ -56,8 +56,11 @@ def run(args) -> None:
         micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
         compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
         remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
-        rollout_micro_batch=cfg.rollout.micro_batch)
-    report = plan_memory(model_config, inputs, mesh)
+        rollout_micro_batch=cfg.rollout.micro_batch, decode_layout=cfg.rollout.decode_layout,
+        decode_chunk=cfg.rollout.decode_chunk, cache_block=cfg.rollout.cache_block,
+        cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+    report = plan_memory(model_config, inputs, mesh,
+                         device_bytes=int(args.device_memory_gib * 2 ** 30))
     print(format_report(cfg.model.path or "demo model", report, inputs,
                         args.device_memory_gib))
     print(f"  ({jax.device_count()} {jax.devices()[0].platform} devices seen; on CPU the "

@@ -71,6 +71,9 @@ class ModelConfig(_Section):
     compute_dtype: Dtype = "bfloat16"
     remat: Literal["none", "block"] = "block"
     tokenizer: str | None = None  # None: the tokenizer beside `path`
+    # Attention of training passes and prefills: auto is cudnn on GPU, splash on TPU, einsum
+    # on CPU; decode steps read the filled cache blocks with the einsum everywhere.
+    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "auto"
 
     def _validate(self) -> None:
         if self.demo:
@@ -150,8 +153,15 @@ class RolloutConfig(_Section):
     # micro_batch / n whole prompts at a time. None: the whole batch in one call.
     micro_batch: int | None = None
     cache_dtype: Dtype | None = None    # the sampler's KV cache dtype; None: the compute dtype
+    # The rollouts decode a copy of the policy in the compute dtype, made each step, laid out
+    # replicated (every device whole) or tensor-parallel within a host; auto: replicated when
+    # the copy takes at most a quarter of a device's memory.
+    decode_layout: Literal["auto", "replicated", "tensor"] = "auto"
+    decode_chunk: int = 16      # decode steps between all-stopped checks
+    cache_block: int | None = 128  # KV-cache block width; decode reads only filled blocks
 
     def _validate(self) -> None:
+        self._at_least(1, "decode_chunk", "cache_block")
         self._require(self.n >= 2, "n", "must be at least 2 (GRPO compares responses in a group)")
         # Greedy rollouts give every response of a group the same reward, so every advantage
         # is 0 and nothing is learned; the log-prob passes also divide by the temperature.

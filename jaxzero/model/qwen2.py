@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxzero.model.config import Qwen2Config
 from jax.sharding import Mesh, NamedSharding
 
+from jaxzero.model.attention import AttentionMask, attend
+from jaxzero.model.config import Qwen2Config
 from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, constrain, fit_spec
-
-_MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +39,8 @@ class ModelOptions:
     compute_dtype: jnp.dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass
     sharding: ShardingConfig = FSDP_TP  # activation constraints (they bind under a mesh)
+    attention: str = "einsum"  # an implementation of `attention.attend` (model.attention)
+    forward_only: bool = False  # never differentiated (the rollout's decode copy)
 
 
 class KVCache(NamedTuple):
@@ -96,6 +97,30 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return out.astype(x_BTNH.dtype)
 
 
+def project(equation: str, x: jax.Array, w: jax.Array, options: "ModelOptions") -> jax.Array:
+    """A weight matmul in the compute dtype. A forward-only model accumulates in float32
+    and rounds once (what GPU and TPU matmuls do anyway): XLA:CPU would otherwise upcast the
+    bfloat16 weights itself and, in a decode loop, hoist float32 copies of every weight into
+    the loop's carry. Training keeps the plain product, whose gradient stays in the compute
+    dtype (a float32 result would make the backward matmuls float32)."""
+    cd = options.compute_dtype
+    if not options.forward_only:
+        return jnp.einsum(equation, x, w.astype(cd))
+    return jnp.einsum(equation, x, w.astype(cd),
+                      preferred_element_type=jnp.float32).astype(cd)
+
+
+def take_rows(table_VD: jax.Array, tokens_BT: jax.Array, options: "ModelOptions") -> jax.Array:
+    """Rows of an embedding table [B, T, D]. A forward-only model gathers a 16-bit table as
+    16-bit integers: XLA:CPU gathers bfloat16 in float32 and, in a decode loop, hoists that
+    float32 copy of the whole table out of the loop (the bitcast is free everywhere, but
+    has no gradient)."""
+    if not options.forward_only or table_VD.dtype.itemsize != 2:
+        return jnp.take(table_VD, tokens_BT, axis=0)
+    bits_VD = jax.lax.bitcast_convert_type(table_VD, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits_VD, tokens_BT, axis=0), table_VD.dtype)
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -117,13 +142,13 @@ class Attention(nnx.Module):
         self.config = config
         self.options = options
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(cd))
+        q_BTNH = project("BTD,DNH->BTNH", x_BTD, self.q_DNH[...], self.options)
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
-        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(cd))
+        k_BTKH = project("BTD,DKH->BTKH", x_BTD, self.k_DKH[...], self.options)
         k_BTKH = constrain(k_BTKH + self.k_bias_KH[...].astype(cd), shd.act_BTKH)
-        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(cd))
+        v_BTKH = project("BTD,DKH->BTKH", x_BTD, self.v_DKH[...], self.options)
         v_BTKH = constrain(v_BTKH + self.v_bias_KH[...].astype(cd), shd.act_BTKH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
@@ -139,20 +164,10 @@ class Attention(nnx.Module):
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-        b, t = x_BTD.shape[:2]
-        s = k_BSKH.shape[1]
-        q_BTKQH = q_BTNH.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-        logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(cd),
-                                  preferred_element_type=jnp.float32)
-        logits_BKQTS = constrain(logits_BKQTS * (cfg.head_dim ** -0.5), shd.scores_BKQTS)
-        allowed_BTS = (jnp.arange(s)[None, None, :] <= query_slot_BT[:, :, None]) & \
-            key_valid_BS[:, None, :]
-        logits_BKQTS = jnp.where(allowed_BTS[:, None, None], logits_BKQTS, _MASKED)
-        probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(cd)
-        out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(cd))
-        out_BTNH = constrain(out_BTKQH.reshape(b, t, cfg.num_attention_heads, cfg.head_dim),
-                             shd.act_BTNH)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(cd)), cache
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd,
+                          implementation=self.options.attention)
+        out_BTNH = constrain(out_BTNH, shd.act_BTNH)
+        return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], self.options), cache
 
 
 class MLP(nnx.Module):
@@ -166,11 +181,11 @@ class MLP(nnx.Module):
         self.options = options
 
     def __call__(self, x_BTD):
-        cd, shd = self.options.compute_dtype, self.options.sharding
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(cd))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(cd))
+        shd = self.options.sharding
+        gate_BTF = project("BTD,DF->BTF", x_BTD, self.gate_DF[...], self.options)
+        up_BTF = project("BTD,DF->BTF", x_BTD, self.up_DF[...], self.options)
         hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, shd.act_BTF)
-        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.down_FD[...].astype(cd))
+        return project("BTF,FD->BTD", hidden_BTF, self.down_FD[...], self.options)
 
 
 class Block(nnx.Module):
@@ -182,16 +197,16 @@ class Block(nnx.Module):
         self.mlp = MLP(config, options, rngs)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
         attn_BTD, cache = self.attn(rms_norm(x_BTD, self.attn_norm_D[...], self.eps),
-                                    positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+                                    positions_BT, mask, layer, cache)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(rms_norm(x_BTD, self.mlp_norm_D[...], self.eps))
         return x_BTD, cache
 
 
-def _run_block(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
-    return block(x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+def _run_block(block, x_BTD, positions_BT, mask, layer, cache):
+    return block(x_BTD, positions_BT, mask, layer, cache)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -211,21 +226,25 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def embed(self, tokens_BT) -> jax.Array:
         """Input embeddings [B, T, D] in the compute dtype."""
-        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
+        x_BTD = take_rows(self.embed_VD[...], tokens_BT, self.options)
+        x_BTD = x_BTD.astype(self.options.compute_dtype)
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
-    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,
+                      read_slots: int | None = None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
         Without a cache, tokens attend causally to the valid tokens of this call. With one,
         the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
-        valid slot up to their own.
+        valid slot up to their own; `read_slots` (static) reads only the cache's first slots,
+        which must hold every slot written so far.
         """
         return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
-                                                  cache)
+                                                  cache, read_slots)
 
     def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
-                                      cache: KVCache | None = None):
+                                      cache: KVCache | None = None,
+                                      read_slots: int | None = None):
         """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
@@ -239,10 +258,11 @@ class Qwen2ForCausalLM(nnx.Module):
             key_valid_BS = jax.lax.dynamic_update_slice(
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
-        run = nnx.remat(_run_block, static_argnums=(5,)) if self.options.remat else _run_block
+            key_valid_BS = key_valid_BS[:, :read_slots]  # attend reads as many slots
+        mask = AttentionMask(query_slot_BT, key_valid_BS)
+        run = nnx.remat(_run_block, static_argnums=(4,)) if self.options.remat else _run_block
         for layer, block in enumerate(self.layers):
-            x_BTD, cache = run(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer,
-                               cache)
+            x_BTD, cache = run(block, x_BTD, positions_BT, mask, layer, cache)
             x_BTD = constrain(x_BTD, shd.act_BTD)
         if cache is not None:
             cache = cache._replace(end=cache.end + t)
@@ -257,11 +277,12 @@ class Qwen2ForCausalLM(nnx.Module):
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, w_VD, preferred_element_type=jnp.float32)
         return constrain(logits_BTV, self.options.sharding.logits_BTV)
 
-    def __call__(self, tokens_BT, valid_BT=None, positions_BT=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BT, valid_BT=None, positions_BT=None, cache: KVCache | None = None,
+                 read_slots: int | None = None):
         """Float32 logits [B, T, V] and the updated cache (None without one)."""
         if valid_BT is None:
             valid_BT = jnp.ones(tokens_BT.shape, jnp.bool_)
-        h_BTD, cache = self.hidden_states(tokens_BT, valid_BT, positions_BT, cache)
+        h_BTD, cache = self.hidden_states(tokens_BT, valid_BT, positions_BT, cache, read_slots)
         return self.logits(h_BTD), cache
 
 

@@ -1,12 +1,20 @@
-"""Batched sampling from the Qwen2 model: a bucketed jitted prefill, then one while_loop decode.
+"""Batched sampling from the Qwen2 model: a bucketed jitted prefill, then a chunked decode.
 
 Shapes as in `jaxzero.model.qwen2`: P prompts, n samples each (G; B = P·n rows, a prompt's
-samples contiguous), T the prompt bucket, R = max_new_tokens, S = T + R cache slots.
+samples contiguous), T the prompt bucket, R = max_new_tokens, S = T + R (rounded up to whole
+chunks) cache slots; W = `SamplerConfig.chunk` steps per chunk.
+
+The decode is a while loop over chunks, each a fixed-trip loop of W token steps reading only
+the cache blocks written so far, so nothing but the all-stopped check (between chunks) and
+the choice of cache prefix (one per chunk) is decided on the device per token. The sampling
+strategy (greedy, top-k, top-p) is static, its values traced.
 
 Everything that changes between calls of a run is an array (prompts, the PRNG key, the
 sampling parameters), so the prefill compiles once per (bucket, P, n) and the decode once per
-(bucket, P·n). What is static is the frozen `SamplerLoop`: the model's graphdef, the frozen
-`SamplerConfig` (token budget, stop ids, pad id), n, the mesh and the sharding table.
+(bucket, P·n, strategy). What is static is the frozen `SamplerLoop`: the model's graphdef, the
+frozen `SamplerConfig` (token budget, stop ids, pad id, chunk, cache block), n, the strategy,
+the mesh and the sharding table. The rollouts decode a copy of the policy in the compute dtype
+on its own decode layout (`Sampler.decode_params`, `parallel.sharding.decode_table`).
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxzero.errors import ConfigError
-from jaxzero.model.qwen2 import KVCache
+from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
+from jaxzero.model.sampling import (Sampled, SamplingParams, Strategy, sample_token,
+                                    strategy_for)
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, constrain,
-                                       put_global)
+                                       param_shardings, put_global)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +49,12 @@ class SamplerConfig:
     buckets: tuple[int, ...] = (128, 256, 512, 1024)
     cache_dtype: str | None = None  # None: the model's compute dtype
     max_prompts_per_call: int | None = None  # None: every prompt of a generate() in one call
+    # Decode steps per fixed-trip chunk (at most): the all-stopped check runs only between
+    # chunks.
+    chunk: int = 16
+    # A chunk reads the cache in whole blocks this wide, only those written by its end
+    # (None: every chunk reads the whole cache).
+    cache_block: int | None = 128
 
     def __post_init__(self):
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -51,25 +67,49 @@ class SamplerConfig:
             raise ConfigError(f"max_prompts_per_call={self.max_prompts_per_call}; use None or >= 1")
         if self.cache_dtype is not None:
             jnp.dtype(self.cache_dtype)  # raises on an unknown dtype name
+        if self.chunk < 1:
+            raise ConfigError(f"decode chunk={self.chunk}; it must be at least 1")
+        if self.cache_block is not None and self.cache_block < 1:
+            raise ConfigError(f"cache_block={self.cache_block}; use None or >= 1")
 
+    @property
+    def chunk_steps(self) -> int:
+        """Steps per chunk: at most `chunk`, evened out over the R - 1 steps after the first
+        token so the last chunk runs as few steps past R as it can."""
+        rest = self.max_new_tokens - 1
+        if rest == 0:
+            return 1
+        return -(-rest // -(-rest // self.chunk))
 
-class SamplingParams(NamedTuple):
-    """Scalars, traced rather than static, so a new temperature does not recompile."""
+    @property
+    def steps(self) -> int:
+        """Token columns the decode writes: the first token, then whole chunks (at least
+        max_new_tokens; the columns past it are dropped)."""
+        w = self.chunk_steps
+        return 1 + -(-(self.max_new_tokens - 1) // w) * w
 
-    temperature: jax.Array  # float32; 0 means greedy
-    top_p: jax.Array        # float32 in (0, 1]; 1 means off
-    top_k: jax.Array        # int32; 0 means off
+    def cache_slots(self, prompt_len: int) -> int:
+        """Cache slots for a prompt bucket: the prompt and every decode step."""
+        return prompt_len + self.steps
 
-    @classmethod
-    def make(cls, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
-             ) -> "SamplingParams":
-        if temperature < 0:
-            raise ConfigError(f"temperature={temperature}; use 0 for greedy or a positive value")
-        if not 0.0 < top_p <= 1.0:
-            raise ConfigError(f"top_p={top_p}; it must be in (0, 1]")
-        if top_k < 0:
-            raise ConfigError(f"top_k={top_k}; use 0 for off or a positive count")
-        return cls(jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
+    def read_prefixes(self, slots: int) -> tuple[int, ...]:
+        """The cache prefixes a chunk may read: whole blocks from the first chunk's on, each
+        at least a block short of the whole cache (of `slots`, the prompt taking
+        `slots - steps`), then the whole cache."""
+        block = self.block(slots)
+        first = slots - self.steps + self.chunk_steps
+        return tuple(range(-(-first // block) * block, slots - block + 1, block)) + (slots,)
+
+    def read_index(self, end, slots: int):
+        """Which of `read_prefixes(slots)` a chunk reads that starts with `end` slots filled
+        (traced in the loop, an int when counting): the blocks its last step reads."""
+        prefixes, block = self.read_prefixes(slots), self.block(slots)
+        need = -(-(end + self.chunk_steps) // block)
+        return jnp.clip(need - prefixes[0] // block, 0, len(prefixes) - 1)
+
+    def block(self, slots: int) -> int:
+        """The block width of a cache of `slots` (one block when it is no wider)."""
+        return slots if self.cache_block is None else min(self.cache_block, slots)
 
 
 class SampleOutput(NamedTuple):
@@ -89,103 +129,14 @@ def finish_reasons(stopped) -> list[str]:
     return ["stop" if s else "length" for s in np.asarray(stopped)]
 
 
-# ----------------------------------------------------------------------------- sampling step
-
-
-def _ordered(x_BV: jax.Array) -> jax.Array:
-    """float32 -> int32 keys with the same order (bisection runs on the keys)."""
-    i = jax.lax.bitcast_convert_type(x_BV.astype(jnp.float32), jnp.int32)
-    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
-
-
-def _largest_threshold(key_BV: jax.Array, enough) -> jax.Array:
-    """Per row, the largest t with `enough(key_BV >= t)` true, for a test that only gets
-    truer as t falls: 32 bisection steps over int32, so t is exactly one of the row's keys.
-
-    A descending sort finds the same thresholds but costs ~1 s per step for a 152k vocab on
-    CPU; this is 32 fused compare-and-reduce passes.
-    """
-    def step(_, bounds):
-        lo_B, hi_B = bounds
-        mid_B = (lo_B >> 1) + (hi_B >> 1) + ((lo_B | hi_B) & 1)  # ceil((lo+hi)/2), no overflow
-        ok_B = enough(key_BV >= mid_B[:, None])
-        return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B - 1)
-    lo_B, _ = jax.lax.fori_loop(0, 32, step, (key_BV.min(-1), key_BV.max(-1)))
-    return lo_B
-
-
-def _top_k(weights_BV, key_BV, top_k):
-    """Zeroes all but the top_k largest logits (ties with the k-th stay)."""
-    t_B = _largest_threshold(key_BV, lambda keep_BV: keep_BV.sum(-1) >= top_k)
-    return jnp.where(key_BV >= t_B[:, None], weights_BV, 0.0)
-
-
-def _top_p(weights_BV, key_BV, top_p):
-    """Keeps the fewest most likely tokens whose mass reaches top_p of what is left."""
-    need_B1 = top_p * weights_BV.sum(-1, keepdims=True)
-    t_B = _largest_threshold(key_BV, lambda keep_BV: jnp.where(
-        keep_BV, weights_BV, 0.0).sum(-1, keepdims=True)[:, 0] >= need_B1[:, 0])
-    return jnp.where(key_BV >= t_B[:, None], weights_BV, 0.0)
-
-
-def _draw(weights_BV: jax.Array, key: jax.Array, block: int = 128) -> jax.Array:
-    """One index per row with probability proportional to `weights_BV` (>= 0), by inverse CDF
-    over blocks of the vocab: one uniform per row instead of a Gumbel per logit (a
-    152k-vocab Gumbel draw costs ~70 ms per step on CPU). Zero-weight entries are never drawn.
-    """
-    b, v = weights_BV.shape
-    w_BCW = jnp.pad(weights_BV, ((0, 0), (0, -v % block))).reshape(b, -1, block)
-    mass_BC = w_BCW.sum(-1)
-    u_B = jax.random.uniform(key, (b,)) * mass_BC.sum(-1)
-
-    def pick(cum, nonzero, u_B):  # [B, C] or [B, W]: first entry with cum > u
-        last_B = jnp.max(jnp.where(nonzero, jnp.arange(cum.shape[1]), 0), axis=-1)
-        return jnp.minimum(jnp.sum(cum <= u_B[:, None], axis=-1), last_B)  # rounding: last
-
-    cum_BC = jnp.cumsum(mass_BC, axis=-1)
-    c_B = pick(cum_BC, mass_BC > 0, u_B)
-    inner_BW = jnp.take_along_axis(w_BCW, c_B[:, None, None], axis=1)[:, 0]
-    before_B = jnp.take_along_axis(cum_BC - mass_BC, c_B[:, None], axis=1)[:, 0]
-    w_B = pick(jnp.cumsum(inner_BW, axis=-1), inner_BW > 0, u_B - before_B)
-    return (c_B * block + w_B).astype(jnp.int32)
-
-
-def sample_token(logits_BV: jax.Array, key: jax.Array, params: SamplingParams
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [B] int32 and their float32 log-probs [B].
-
-    The log-prob is log-softmax(logits / temperature) over the whole vocab (raw logits when
-    greedy), the quantity a trainer recomputes from a forward pass; top-k then top-p only
-    decide which tokens may be drawn, and their threshold searches run only when they are on.
-    """
-    greedy = params.temperature <= 0
-    scaled_BV = logits_BV / jnp.where(greedy, 1.0, params.temperature)
-    max_B1 = scaled_BV.max(-1, keepdims=True)
-    weights_BV = jnp.exp(scaled_BV - max_B1)
-    lse_B = max_B1[:, 0] + jnp.log(weights_BV.sum(-1))
-
-    def sample(weights_BV):
-        key_BV = _ordered(scaled_BV)
-        weights_BV = jax.lax.cond(params.top_k > 0, _top_k, lambda w, *_: w,
-                                  weights_BV, key_BV, params.top_k)
-        weights_BV = jax.lax.cond(params.top_p < 1, _top_p, lambda w, *_: w,
-                                  weights_BV, key_BV, params.top_p)
-        return _draw(weights_BV, key)
-
-    tokens_B = jax.lax.cond(greedy, lambda w: jnp.argmax(scaled_BV, -1).astype(jnp.int32),
-                            sample, weights_BV)
-    picked_B = jnp.take_along_axis(scaled_BV, tokens_B[:, None], axis=-1)[:, 0]
-    return tokens_B, picked_B - lse_B
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 class DecodeState(NamedTuple):
-    """The while loop's carry."""
+    """The decode loop's carry."""
 
     step: jax.Array        # int32: tokens [0, step) of every row are written
-    tokens_BR: jax.Array
+    tokens_BR: jax.Array   # R = SamplerConfig.steps columns here
     logprobs_BR: jax.Array
     lengths_B: jax.Array
     done_B: jax.Array      # emitted a stop id
@@ -205,13 +156,14 @@ class Decoded(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerLoop:
-    """Prefill and decode of one model, for one sampler config and n samples per prompt.
+    """Prefill and decode of one model, for one sampler config, n samples per prompt and one
+    sampling strategy.
 
     Frozen and hashable: it is the static `self` of its jitted methods, so everything it
-    holds (graphdef, config, n, mesh, sharding table) is compiled in, and everything passed
-    per call (parameters, prompts, key, sampling parameters) is traced. Both methods trace
-    under the mesh (the model's constraints bind) and pin their outputs to the table's
-    shardings; inputs keep the shardings they arrive with.
+    holds (graphdef, config, n, strategy, mesh, sharding table) is compiled in, and
+    everything passed per call (parameters, prompts, key, sampling parameters) is traced.
+    Both methods trace under the mesh (the model's constraints bind) and pin their outputs
+    to the table's shardings; inputs keep the shardings they arrive with.
     """
 
     graphdef: Any
@@ -219,6 +171,7 @@ class SamplerLoop:
     n: int
     mesh: Mesh | None = None
     sharding: ShardingConfig = FSDP_TP
+    strategy: Strategy = Sampled()
 
     def __post_init__(self):
         if self.n < 1:
@@ -244,9 +197,9 @@ class SamplerLoop:
 
     @functools.partial(jax.jit, static_argnames=("self",))
     def prefill(self, params, tokens_PT, valid_PT) -> tuple[KVCache, jax.Array]:
-        """Runs the prompts once; returns the cache grown to T + R slots with n copies per
-        prompt (B = P·n rows, a prompt's copies contiguous), and the last position's float32
-        logits [B, V]."""
+        """Runs the prompts once; returns the cache grown to `config.cache_slots(T)` slots
+        with n copies per prompt (B = P·n rows, a prompt's copies contiguous), and the last
+        position's float32 logits [B, V]."""
         with self._mesh_context():
             model = self._model(params)
             p, t = tokens_PT.shape
@@ -254,23 +207,24 @@ class SamplerLoop:
                 self.config.cache_dtype or model.options.compute_dtype))
             h_PTD, cache = model.hidden_states(tokens_PT, valid_PT, cache=cache)
             logits_PV = model.logits(h_PTD[:, -1:])[:, 0]  # left-padded: the last slot is real
-            r, n = self.config.max_new_tokens, self.n
+            grow, n = self.config.cache_slots(t) - t, self.n
 
-            def grow(x_LPTKH):  # new slots are empty and invalid
-                return jnp.repeat(jnp.pad(x_LPTKH, ((0, 0), (0, 0), (0, r), (0, 0), (0, 0))),
+            def grown(x_LPTKH):  # new slots are empty and invalid
+                return jnp.repeat(jnp.pad(x_LPTKH, ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))),
                                   n, axis=1)
 
-            valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, r))), n, axis=0)
-            cache = self._pin_cache(KVCache(grow(cache.k_LBSKH), grow(cache.v_LBSKH), valid_BS,
-                                            cache.end))
+            valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, grow))), n, axis=0)
+            cache = self._pin_cache(KVCache(grown(cache.k_LBSKH), grown(cache.v_LBSKH),
+                                            valid_BS, cache.end))
             return cache, constrain(jnp.repeat(logits_PV, n, axis=0), self.sharding.rows_BT)
 
-    # The prefill's cache is donated: the while loop updates it in place (it comes back in
+    # The prefill's cache is donated: the loop updates it in place (it comes back in
     # `Decoded.cache` only to alias it) instead of holding two copies.
     @functools.partial(jax.jit, static_argnames=("self",), donate_argnames=("cache",))
     def decode(self, params, cache: KVCache, logits_BV, positions_B, key,
                sampling: SamplingParams) -> Decoded:
-        """Samples R tokens per row after `prefill`; stops early once every row has stopped.
+        """Samples R tokens per row after `prefill`; stops early once every row has stopped
+        (checked between chunks of `config.chunk_steps` steps).
 
         `positions_B` is each row's prompt length (the position of its first new token).
         """
@@ -280,44 +234,69 @@ class SamplerLoop:
 
     def _decode(self, model, cache, logits_BV, positions_B, key, sampling) -> Decoded:
         config, shd = self.config, self.sharding
-        b, r = logits_BV.shape[0], config.max_new_tokens
+        b, r, w = logits_BV.shape[0], config.max_new_tokens, config.chunk_steps
         stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+        slots = cache.k_LBSKH.shape[2]
+        prefixes = config.read_prefixes(slots)
 
         def record(s: DecodeState, logits_BV, cache) -> DecodeState:
-            tok_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, s.step), sampling)
-            tok_B = jnp.where(s.done_B, config.pad_id, tok_B)
-            logp_B = jnp.where(s.done_B, 0.0, logp_B)
+            live_B = ~s.done_B & (s.step < r)  # the steps past R of the last chunk write pads
+            tok_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, s.step), sampling,
+                                         self.strategy)
+            tok_B = jnp.where(live_B, tok_B, config.pad_id)
+            logp_B = jnp.where(live_B, logp_B, 0.0)
             return DecodeState(
                 step=s.step + 1,
                 tokens_BR=jax.lax.dynamic_update_slice(s.tokens_BR, tok_B[:, None], (0, s.step)),
                 logprobs_BR=jax.lax.dynamic_update_slice(s.logprobs_BR, logp_B[:, None],
                                                          (0, s.step)),
-                lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
-                done_B=s.done_B | jnp.isin(tok_B, stop_ids),
+                lengths_B=s.lengths_B + live_B.astype(jnp.int32),
+                done_B=s.done_B | (live_B & jnp.isin(tok_B, stop_ids)),
                 cache=cache)
 
-        def body(s: DecodeState) -> DecodeState:
-            last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
-            positions_B1 = (positions_B + s.step - 1)[:, None]
-            logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache)
-            return record(s, logits_B1V[:, 0], cache)
+        def token_step(read: int):
+            def body(_, s: DecodeState) -> DecodeState:
+                last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
+                positions_B1 = (positions_B + s.step - 1)[:, None]
+                logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache,
+                                          read_slots=read)
+                return record(s, logits_B1V[:, 0], cache)
+            return body
+
+        # One branch per cache prefix: a chunk's steps read the blocks it can have written by
+        # its end, a static slice (one branch is chosen per chunk, none per token).
+        chunks = [functools.partial(jax.lax.fori_loop, 0, w, token_step(read))
+                  for read in prefixes]
+
+        def chunk(s: DecodeState) -> DecodeState:
+            return jax.lax.switch(config.read_index(s.cache.end, slots), chunks, s)
 
         def more(s: DecodeState):
             return (s.step < r) & ~jnp.all(s.done_B)
 
+        width = config.steps
         start = DecodeState(
-            step=jnp.int32(0), tokens_BR=jnp.full((b, r), config.pad_id, jnp.int32),
-            logprobs_BR=jnp.zeros((b, r), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
+            step=jnp.int32(0), tokens_BR=jnp.full((b, width), config.pad_id, jnp.int32),
+            logprobs_BR=jnp.zeros((b, width), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
             done_B=jnp.zeros((b,), jnp.bool_), cache=cache)
-        end = jax.lax.while_loop(more, body, record(start, logits_BV, cache))
+        end = jax.lax.while_loop(more, chunk, record(start, logits_BV, cache))
         mask_BR = jnp.arange(r)[None, :] < end.lengths_B[:, None]
         rows = lambda x: constrain(x, shd.rows_BT if x.ndim == 2 else shd.rows_B)
-        return Decoded(tokens_BR=rows(end.tokens_BR), mask_BR=rows(mask_BR),
-                       logprobs_BR=rows(end.logprobs_BR), lengths_B=rows(end.lengths_B),
+        return Decoded(tokens_BR=rows(end.tokens_BR[:, :r]), mask_BR=rows(mask_BR),
+                       logprobs_BR=rows(end.logprobs_BR[:, :r]), lengths_B=rows(end.lengths_B),
                        stopped_B=rows(end.done_B), cache=self._pin_cache(end.cache))
 
 
 # ----------------------------------------------------------------------------- host API
+
+
+def decode_model(config: Qwen2Config, options: ModelOptions, table: ShardingConfig):
+    """The graphdef of the rollout copy of a model built with `options`: parameters in the
+    compute dtype, forward-only (no remat; nothing is differentiated), constraints from the
+    decode table."""
+    decode = dataclasses.replace(options, param_dtype=options.compute_dtype, remat=False,
+                                 sharding=table, forward_only=True)
+    return abstract_model(config, decode)[0]
 
 
 def _axes(spec) -> tuple[str, ...]:
@@ -350,19 +329,40 @@ class Sampler:
                  stop_ids: Sequence[int], pad_id: int,
                  buckets: Sequence[int] = (128, 256, 512, 1024), mesh: Mesh | None = None,
                  cache_dtype: str | None = None, max_prompts_per_call: int | None = None,
-                 sharding: ShardingConfig = FSDP_TP):
+                 sharding: ShardingConfig = FSDP_TP, param_dtype: str | None = None,
+                 chunk: int = 16, cache_block: int | None = 128):
         self.config = SamplerConfig(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
                                     pad_id=pad_id, buckets=tuple(buckets),
                                     cache_dtype=cache_dtype,
-                                    max_prompts_per_call=max_prompts_per_call)
+                                    max_prompts_per_call=max_prompts_per_call, chunk=chunk,
+                                    cache_block=cache_block)
         self.model_config = model_config
         self.mesh = mesh
         self.graphdef = graphdef
         self.sharding = sharding
+        self.param_dtype = None if param_dtype is None else jnp.dtype(param_dtype)
+        self._copies: dict[Any, Any] = {}
 
-    def loop(self, n: int) -> SamplerLoop:
+    def loop(self, n: int, strategy: Strategy = Sampled()) -> SamplerLoop:
         """The static loop for n samples per prompt (equal loops share their compilations)."""
-        return SamplerLoop(self.graphdef, self.config, n, self.mesh, self.sharding)
+        return SamplerLoop(self.graphdef, self.config, n, self.mesh, self.sharding, strategy)
+
+    def decode_params(self, params):
+        """The parameters the loop decodes with: cast to `param_dtype` (when set) and placed
+        on the table's parameter shardings (with a mesh), a new copy.
+
+        Made once per `generate`, so the decode loop carries neither the trainer's float32
+        master weights nor its FSDP shards (which XLA would gather into full float32 replicas
+        held through the loop)."""
+        structure = jax.tree.structure(params)
+        if structure not in self._copies:  # one jitted copy per parameter tree
+            dtype = self.param_dtype
+            cast = lambda tree: jax.tree.map(lambda x: x if dtype is None else x.astype(dtype),
+                                             tree)
+            out = None if self.mesh is None else param_shardings(params, self.mesh,
+                                                                 self.sharding)
+            self._copies[structure] = jax.jit(cast, out_shardings=out)
+        return self._copies[structure](params)
 
     @property
     def data_parallel(self) -> int:
@@ -385,15 +385,18 @@ class Sampler:
         return put_global(x, batch_sharding(self.mesh, x.ndim, self.sharding))
 
     def sample_padded(self, state, tokens_PT: np.ndarray, valid_PT: np.ndarray, *,
-                      key: jax.Array, params: SamplingParams, n: int) -> SampleOutput:
-        """One prefill + decode over already padded prompts (P a multiple of data_parallel)."""
+                      key: jax.Array, params: SamplingParams, n: int,
+                      strategy: Strategy = Sampled()) -> SampleOutput:
+        """One prefill + decode over already padded prompts (P a multiple of data_parallel),
+        on parameters already in the decode layout (`decode_params`)."""
         if tokens_PT.shape[0] % self.data_parallel:
             raise ConfigError(f"{tokens_PT.shape[0]} prompts do not divide over the "
                               f"{self.data_parallel} data-parallel devices")
-        loop = self.loop(n)
         positions_B = np.repeat(valid_PT.sum(axis=1).astype(np.int32), n)
-        cache, logits_BV = loop.prefill(state, self._put(tokens_PT), self._put(valid_PT))
-        out = loop.decode(state, cache, logits_BV, self._put(positions_B), key, params)
+        # The prefill does not sample: one compile serves every strategy.
+        cache, logits_BV = self.loop(n).prefill(state, self._put(tokens_PT), self._put(valid_PT))
+        out = self.loop(n, strategy).decode(state, cache, logits_BV, self._put(positions_B), key,
+                                            params)
         return SampleOutput(out.tokens_BR, out.mask_BR, out.logprobs_BR, out.lengths_B,
                             out.stopped_B, self._put(np.repeat(tokens_PT, n, axis=0)),
                             self._put(np.repeat(valid_PT, n, axis=0)))
@@ -413,6 +416,8 @@ class Sampler:
         if n < 1:
             raise ConfigError(f"n={n}; it must be at least 1")
         params = SamplingParams.make(temperature, top_p, top_k)
+        strategy = strategy_for(temperature, top_p, top_k)
+        state = self.decode_params(state)
         dp = self.data_parallel
         size = min(self.config.max_prompts_per_call or len(prompts), len(prompts))
         size = -(-size // dp) * dp  # every call the same shape, a multiple of dp
@@ -424,7 +429,7 @@ class Sampler:
             bucket = self.bucket_for(max(len(p) for p in chunk))
             tokens, valid = pad_prompts(chunk, bucket, self.config.pad_id)
             out = self.sample_padded(state, tokens, valid, key=jax.random.fold_in(key, index),
-                                     params=params, n=n)
+                                     params=params, n=n, strategy=strategy)
             outputs.append((out, real * n))
         if len(outputs) == 1 and outputs[0][1] == outputs[0][0].tokens.shape[0]:
             return outputs[0][0]

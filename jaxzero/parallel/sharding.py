@@ -26,6 +26,10 @@ from jaxzero.parallel.trees import dict_keys, leaf_name, path_name
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the rows (B) of every activation, cache and batch array
+# The decode copy's tensor-parallel axes: the ones a host's devices span (data goes between
+# hosts), so its per-token all-reduces stay within a host.
+HOST = ("fsdp", "tensor")
+DECODE_LAYOUTS = ("replicated", "tensor")
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:
@@ -112,6 +116,39 @@ class ShardingConfig:
         """Every array whole on every device."""
         return cls(**{f.name: P() for f in dataclasses.fields(cls)})
 
+    @classmethod
+    def decode_replicated(cls) -> "ShardingConfig":
+        """The rollout copy, whole on every device; rows over every device (all three axes):
+        a decode step then moves no weight between devices."""
+        rows = AXES
+        return cls(**{**{name: P() for name in PARAM_NAMES},
+                      "act_BTD": P(rows, None, None), "act_BTNH": P(rows, None, None, None),
+                      "act_BTKH": P(rows, None, None, None), "act_BTF": P(rows, None, None),
+                      "scores_BKQTS": P(rows, None, None, None, None),
+                      "logits_BTV": P(rows, None, None),
+                      "cache_LBSKH": P(None, rows, None, None, None), "cache_BS": P(rows, None),
+                      "rows_BT": P(rows, None), "rows_B": P(rows)})
+
+    @classmethod
+    def decode_tensor(cls) -> "ShardingConfig":
+        """The rollout copy for a model too large to replicate: heads (N, K), the MLP width F
+        and the vocab V over a host's devices (HOST), the model width D whole, so a decode
+        step all-reduces activations but gathers no weight; rows over `data`."""
+        tp, rows = HOST, "data"
+        return cls(
+            embed_VD=P(tp, None), lm_head_VD=P(tp, None),
+            norm_D=P(None), attn_norm_D=P(None), mlp_norm_D=P(None),
+            q_DNH=P(None, tp, None), q_bias_NH=P(tp, None),
+            k_DKH=P(None, tp, None), k_bias_KH=P(tp, None),
+            v_DKH=P(None, tp, None), v_bias_KH=P(tp, None),
+            o_NHD=P(tp, None, None),
+            gate_DF=P(None, tp), up_DF=P(None, tp), down_FD=P(tp, None),
+            act_BTD=P(rows, None, None), act_BTNH=P(rows, None, tp, None),
+            act_BTKH=P(rows, None, tp, None), act_BTF=P(rows, None, tp),
+            scores_BKQTS=P(rows, tp, None, None, None), logits_BTV=P(rows, None, tp),
+            cache_LBSKH=P(None, rows, None, tp, None), cache_BS=P(rows, None),
+            rows_BT=P(rows, None), rows_B=P(rows))
+
     def param_spec(self, name: str) -> P:
         """The spec of the parameter called `name` (its leaf name, e.g. `q_DNH`)."""
         if name not in PARAM_NAMES:
@@ -124,6 +161,45 @@ FSDP_TP = ShardingConfig.fsdp_tp()
 # Every field but the activation, cache and batch ones is a parameter of the model.
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ShardingConfig) if not f.name.startswith(
     ("act_", "scores_", "logits_", "cache_", "rows_")))
+
+
+def decode_table(layout: str) -> ShardingConfig:
+    """The table of the rollout copy: 'replicated' or 'tensor' (see the factories)."""
+    if layout == "replicated":
+        return ShardingConfig.decode_replicated()
+    if layout == "tensor":
+        return ShardingConfig.decode_tensor()
+    raise ConfigError(f"decode layout {layout!r}: use one of {DECODE_LAYOUTS}")
+
+
+# A replicated rollout copy may take this share of a device; larger models go tensor-parallel.
+REPLICATED_SHARE = 0.25
+
+
+def choose_decode_layout(choice: str, copy_bytes: int, device_bytes: int | None, mesh: Mesh,
+                         host_devices: int) -> str:
+    """The rollout copy's layout: `choice` unless 'auto', which replicates a copy of
+    `copy_bytes` when it takes at most REPLICATED_SHARE of a device (always when the device
+    reports no memory, as CPUs do) and goes tensor-parallel otherwise. A tensor layout must
+    fit within a host (HOST spans at most `host_devices`)."""
+    if choice == "auto":
+        small = device_bytes is None or copy_bytes <= REPLICATED_SHARE * device_bytes
+        choice = "replicated" if small else "tensor"
+    if choice not in DECODE_LAYOUTS:
+        raise ConfigError(f"rollout.decode_layout={choice!r}: use auto, replicated or tensor")
+    span = math.prod(mesh.shape[a] for a in HOST)
+    if choice == "tensor" and span > host_devices:
+        raise ConfigError(f"rollout.decode_layout=tensor splits the copy over the mesh's "
+                          f"{'×'.join(HOST)} axes ({span} devices), more than one host's "
+                          f"{host_devices}; use a mesh whose fsdp × tensor fits in a host, or "
+                          "decode_layout: replicated")
+    return choice
+
+
+def device_memory_bytes() -> int | None:
+    """One local device's memory (None where the backend reports none, as CPUs)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:

@@ -1,10 +1,11 @@
 """Memory planner: per-device memory of a run, from ahead-of-time compilation on abstract inputs.
 
 Nothing is allocated: the model, optimizer state and batch are `jax.ShapeDtypeStruct`s with
-their shardings, and the train step and the sampler's decode step are lowered and compiled
-for the mesh. Parameter, optimizer, reference and KV-cache sizes are computed from shapes and
-shardings; the train step's and sampler's temporaries (activations, gradients, logits) come
-from XLA's compiled memory analysis of the per-device program.
+their shardings, and the train step and the sampler's whole decode loop (on the rollout's
+decode copy and layout) are lowered and compiled for the mesh. Parameter, optimizer,
+reference, decode-copy and KV-cache sizes are computed from shapes and shardings; the train
+step's and sampler's temporaries (activations, gradients, logits) come from XLA's compiled
+memory analysis of the per-device program.
 
 XLA:CPU's memory analysis does not reflect rematerialisation (its figure is the same with and
 without `jax.checkpoint`), so the planner also counts the train step's activations from shapes
@@ -20,14 +21,16 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from jaxzero.rl import grpo
 from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, bytes_per_device,
-                                       traced_under)
+from jaxzero.model.sampler import Sampler, decode_model
+from jaxzero.model.sampling import Sampled, SamplingParams
+from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, batch_sharding,
+                                       bytes_per_device, choose_decode_layout, decode_table,
+                                       param_shardings)
 from jaxzero.rl.train_step import TrainBatch, build_step_functions, make_optimizer
 
 GiB = 1024 ** 3
@@ -48,6 +51,12 @@ class PlanInputs:
     remat: bool
     use_kl: bool
     rollout_micro_batch: int | None = None  # sequences per sampler call (None: whole batch)
+    decode_layout: str = "auto"             # rollout.decode_layout
+    decode_chunk: int = 16
+    cache_block: int | None = 128
+    cache_dtype: str | None = None
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +66,13 @@ class PlanReport:
     params: int             # computed
     opt_state: int          # computed
     reference: int          # computed
+    decode_copy: int        # computed: the rollout's copy of the policy (compute dtype)
+    decode_layout: str      # the copy's layout (rollout.decode_layout resolved)
     kv_cache: int           # computed
     train_activations: int  # computed: activations, logits chunk, gradients (remat-aware)
     train_temp: int         # XLA memory analysis of the update
     train_peak: int         # arguments + outputs - aliased + temporaries of the update (XLA)
-    sampler_temp: int       # XLA memory analysis of one decode step
+    sampler_temp: int       # XLA memory analysis of the whole decode loop
     total_train_phase: int      # computed: params + optimizer + reference + activations
     total_rollout_phase: int
     xla_train_phase: int        # XLA's figure for the same phase
@@ -99,8 +110,45 @@ def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     return int(acts + logits + grads)
 
 
+def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
+             device_bytes: int | None) -> tuple[int, int, int, str]:
+    """The rollout phase as the trainer runs it: its decode copy's and KV cache's bytes per
+    device, the compiled decode loop's temporaries, and the copy's layout."""
+    compute = jnp.dtype(inputs.compute_dtype)
+    layout = choose_decode_layout(inputs.decode_layout, config.num_params() * compute.itemsize,
+                                  device_bytes, mesh, jax.local_device_count())
+    table = decode_table(layout)
+    sampler = Sampler(decode_model(config, options, table), config, mesh=mesh,
+                      max_new_tokens=inputs.response_len, stop_ids=(), pad_id=0,
+                      buckets=(inputs.prompt_len,), cache_dtype=inputs.cache_dtype,
+                      sharding=table, param_dtype=compute.name, chunk=inputs.decode_chunk,
+                      cache_block=inputs.cache_block)
+    _, abstract = abstract_model(config, options)
+    copy = abstract_on(jax.eval_shape(lambda t: jax.tree.map(lambda x: x.astype(compute), t),
+                                      abstract), param_shardings(abstract, mesh, table))
+    rows = inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n
+    slots = sampler.config.cache_slots(inputs.prompt_len)
+    cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(
+        config, rows, slots, jnp.dtype(inputs.cache_dtype or compute))),
+        KVCache.shardings(config, mesh, table))
+    rows_B = batch_sharding(mesh, 1, table)
+    loop = sampler.loop(inputs.n, Sampled(top_k=inputs.top_k > 0, top_p=inputs.top_p < 1))
+    decode = loop.decode.lower(
+        loop, copy, cache,
+        jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32,
+                             sharding=batch_sharding(mesh, 2, table)),
+        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_B), jax.random.key(0),
+        SamplingParams.make(1.0, inputs.top_p, inputs.top_k)).compile().memory_analysis()
+    return (bytes_per_device(copy, jax.tree.map(lambda x: x.sharding, copy)),
+            bytes_per_device(cache, jax.tree.map(lambda x: x.sharding, cache)),
+            int(decode.temp_size_in_bytes), layout)
+
+
 def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
-                sharding: ShardingConfig = FSDP_TP) -> PlanReport:
+                sharding: ShardingConfig = FSDP_TP,
+                device_bytes: int | None = None) -> PlanReport:
+    """`device_bytes`: one device's memory, for rollout.decode_layout auto (None: as the CPU
+    reports, none)."""
     options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
                            compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
                            sharding=sharding)
@@ -132,30 +180,16 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
     ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
 
-    # Rollouts: one decode step over the whole (or micro-) batch with its KV cache, on the
-    # sampler's own cache shardings (`KVCache.shardings` from the same table).
-    roll_b = inputs.rollout_micro_batch or b
-    cache_abs = jax.eval_shape(lambda: KVCache.empty(config, roll_b, t, options.compute_dtype))
-    cache_shard = KVCache.shardings(config, mesh, sharding)
-    kv_bytes = bytes_per_device(cache_abs, cache_shard)
-
-    def decode_step(params, tokens_B1, valid_B1, cache):
-        logits_B1V, cache = nnx.merge(graphdef, params)(tokens_B1, valid_B1, cache=cache)
-        return jnp.argmax(logits_B1V[:, -1], -1), cache
-
-    rows_BT = fns.batch_shardings.tokens_BT
-    dec = jax.jit(traced_under(mesh, decode_step), donate_argnames=("cache",)).lower(
-        params, jax.ShapeDtypeStruct((roll_b, 1), jnp.int32, sharding=rows_BT),
-        jax.ShapeDtypeStruct((roll_b, 1), jnp.bool_, sharding=rows_BT),
-        abstract_on(cache_abs, cache_shard)).compile().memory_analysis()
-    sampler_temp = int(dec.temp_size_in_bytes)
+    copy_bytes, kv_bytes, sampler_temp, layout = _rollout(config, inputs, options, mesh,
+                                                         device_bytes)
     activations = train_activations(config, inputs, mesh, p_bytes)
     return PlanReport(
         devices=mesh.size, mesh=dict(mesh.shape), params=p_bytes, opt_state=o_bytes,
-        reference=ref_bytes, kv_cache=kv_bytes, train_activations=activations,
+        reference=ref_bytes, decode_copy=copy_bytes, decode_layout=layout, kv_cache=kv_bytes,
+        train_activations=activations,
         train_temp=train_temp, train_peak=train_peak, sampler_temp=sampler_temp,
         total_train_phase=p_bytes + o_bytes + ref_bytes + activations,
-        total_rollout_phase=p_bytes + o_bytes + ref_bytes + kv_bytes + sampler_temp,
+        total_rollout_phase=p_bytes + o_bytes + ref_bytes + copy_bytes + kv_bytes + sampler_temp,
         xla_train_phase=train_peak + ref_bytes)
 
 
@@ -172,12 +206,15 @@ def format_report(name: str, report: PlanReport, inputs: PlanInputs,
         f"  parameters              {g(report.params)}   computed from shapes and shardings",
         f"  optimizer state (Adam)  {g(report.opt_state)}   computed",
         f"  reference model         {g(report.reference)}   computed ({inputs.ref_dtype})",
+        f"  rollout copy of policy  {g(report.decode_copy)}   computed ({inputs.compute_dtype}, "
+        f"{report.decode_layout})",
         f"  KV cache (rollouts)     {g(report.kv_cache)}   computed",
         f"  train activations+grads {g(report.train_activations)}   computed from shapes "
         "(remat-aware)",
         f"  train step temporaries  {g(report.train_temp)}   XLA memory analysis "
         "(on CPU it ignores remat: an upper bound)",
-        f"  sampler step temporaries{g(report.sampler_temp)}   XLA memory analysis",
+        f"  decode loop temporaries {g(report.sampler_temp)}   XLA memory analysis of the "
+        "compiled decode loop",
         f"  train phase peak        {g(report.total_train_phase)}   computed",
         f"  train phase, XLA        {g(report.xla_train_phase)}   XLA args+outputs-aliased"
         "+temps, plus reference",

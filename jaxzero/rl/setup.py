@@ -28,12 +28,14 @@ from jaxzero.io.storage import non_atomic_warning, storage_path
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
 from jaxzero.monitor.writer import MetricsWriter
+from jaxzero.model.attention import resolve_attention
 from jaxzero.model.qwen2 import ModelOptions, abstract_model, init_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.rl.rollout import RewardWorker
 from jaxzero.rl.task import Task, TaskFactory
-from jaxzero.model.sampler import Sampler
-from jaxzero.parallel.sharding import abstract_on, batch_sharding, make_mesh, put_global
+from jaxzero.model.sampler import Sampler, decode_model
+from jaxzero.parallel.sharding import (abstract_on, batch_sharding, choose_decode_layout,
+                                       decode_table, device_memory_bytes, make_mesh, put_global)
 from jaxzero.rl.train_step import (StepFunctions, build_step_functions, init_opt_state,
                                    lr_schedule, make_optimizer)
 
@@ -171,15 +173,27 @@ def optimizer_and_schedule(optim: config_lib.OptimConfig, steps: int):
     return optimizer, schedule
 
 
-def build_sampler(cfg, graphdef, model_config: Qwen2Config, mesh: Mesh, *,
-                  stop_ids, pad_id: int) -> Sampler:
-    """The rollout sampler. rollout.micro_batch counts sequences (prompts × n), as the
-    planner and the config do; the sampler is handed it as whole prompts per call."""
-    per_call = None if cfg.rollout.micro_batch is None else cfg.rollout.micro_batch // cfg.rollout.n
-    return Sampler(graphdef, model_config, mesh=mesh, max_new_tokens=cfg.rollout.max_new_tokens,
-                   buckets=tuple(cfg.data.prompt_buckets), stop_ids=tuple(stop_ids),
-                   pad_id=pad_id, cache_dtype=cfg.rollout.cache_dtype,
-                   max_prompts_per_call=per_call)
+def build_sampler(cfg, model_config: Qwen2Config, options: ModelOptions, mesh: Mesh, *,
+                  stop_ids, pad_id: int, log=print) -> Sampler:
+    """The rollout sampler, decoding a copy of the policy in the compute dtype on the decode
+    layout (rollout.decode_layout). rollout.micro_batch counts sequences (prompts × n), as
+    the planner and the config do; the sampler is handed it as whole prompts per call."""
+    r = cfg.rollout
+    per_call = None if r.micro_batch is None else r.micro_batch // r.n
+    compute = jnp.dtype(options.compute_dtype)
+    copy_bytes = model_config.num_params() * compute.itemsize
+    layout = choose_decode_layout(r.decode_layout, copy_bytes, device_memory_bytes(), mesh,
+                                  jax.local_device_count())
+    if r.decode_layout == "auto":
+        log(f"rollouts decode a {compute.name} copy of the policy "
+            f"({copy_bytes / 2**30:.2f} GiB whole), layout {layout}")
+    table = decode_table(layout)
+    return Sampler(decode_model(model_config, options, table), model_config, mesh=mesh,
+                   max_new_tokens=r.max_new_tokens, buckets=tuple(cfg.data.prompt_buckets),
+                   stop_ids=tuple(stop_ids), pad_id=pad_id, cache_dtype=r.cache_dtype,
+                   max_prompts_per_call=per_call, sharding=table,
+                   param_dtype=compute.name, chunk=r.decode_chunk,
+                   cache_block=r.cache_block)
 
 
 def _resumed(store, abstract_arrays, model_config, loader, log):
@@ -229,7 +243,10 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
 
     options = ModelOptions(param_dtype=jnp.dtype(cfg.model.param_dtype),
                            compute_dtype=jnp.dtype(cfg.model.compute_dtype),
-                           remat=cfg.model.remat == "block")
+                           remat=cfg.model.remat == "block",
+                           attention=resolve_attention(cfg.model.attention,
+                                                       jax.default_backend(),
+                                                       cfg.model.compute_dtype))
     graphdef, abstract = abstract_model(model_config, options)
     loader = make_loader(cfg, task.train_records)
     steps = total_steps(cfg, loader)
@@ -268,8 +285,8 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
         ref_params = _reference(cfg, params if latest is None else None, ref_store,
                                 abstract_arrays["params"], model_config, options, log)
     pad_id = identity.pad_id
-    sampler = build_sampler(cfg, graphdef, model_config, mesh, stop_ids=identity.stop_ids,
-                            pad_id=pad_id)
+    sampler = build_sampler(cfg, model_config, options, mesh, stop_ids=identity.stop_ids,
+                            pad_id=pad_id, log=log)
     writer = MetricsWriter(run_dir / "tb")
     if start_step == 0:
         writer.hparams(config_lib.flatten(cfg))

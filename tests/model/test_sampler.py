@@ -15,8 +15,9 @@ from scipy import stats
 from jaxzero.errors import ConfigError
 from jaxzero.model.qwen2 import KVCache, ModelOptions, init_model
 from jaxzero.model.config import Qwen2Config
-from jaxzero.model.sampler import (Sampler, SamplingParams, _ordered, _top_k, _top_p, finish_reasons,
-                             SamplerLoop, pad_prompts, sample_token)
+from jaxzero.model.sampler import Sampler, SamplerLoop, finish_reasons, pad_prompts
+from jaxzero.model.sampling import (SamplingParams, _ordered, _top_k, _top_p, sample_token,
+                                    strategy_for)
 from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, make_mesh, param_shardings
 
 VOCAB, PAD = 96, 0
@@ -154,8 +155,9 @@ def test_sampling_frequencies(temperature, top_k, top_p):
     logits_V = np.log(np.array([0.32, 0.2, 0.16, 0.12, 0.08, 0.06, 0.04, 0.02]))
     draws = 20_000
     logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (draws, len(logits_V)))
-    tokens, logp = jax.jit(sample_token)(logits_BV, jax.random.key(7),
-                                         SamplingParams.make(temperature, top_p, top_k))
+    step = jax.jit(sample_token, static_argnums=3)
+    tokens, logp = step(logits_BV, jax.random.key(7), SamplingParams.make(temperature, top_p, top_k),
+                        strategy_for(temperature, top_p, top_k))
     counts = np.bincount(np.asarray(tokens), minlength=len(logits_V))
     expected = _expected(logits_V, temperature, top_k, top_p)
     assert counts[expected == 0].sum() == 0  # excluded tokens are never drawn
@@ -179,24 +181,26 @@ def test_truncation_keeps_the_tokens_a_sort_keeps(top_k, top_p):
 
 def test_greedy_sampling_step_is_argmax_with_raw_logprobs():
     logits_BV = jax.random.normal(jax.random.key(1), (4, 10))
-    tokens, logp = jax.jit(sample_token)(logits_BV, jax.random.key(0),
-                                         SamplingParams.make(0.0, 0.5, 2))
+    tokens, logp = jax.jit(sample_token, static_argnums=3)(
+        logits_BV, jax.random.key(0), SamplingParams.make(0.0, 0.5, 2), strategy_for(0.0, 0.5, 2))
     np.testing.assert_array_equal(tokens, jnp.argmax(logits_BV, -1))
     np.testing.assert_allclose(logp, jnp.max(jax.nn.log_softmax(logits_BV), -1), atol=1e-6)
 
 
-def test_one_compile_per_bucket_and_params_are_traced():
+def test_one_compile_per_bucket_and_strategy_and_values_are_traced():
     graphdef, state = nnx.split(init_model(CONFIG))
     sampler = _sampler(graphdef, max_new_tokens=4)
     # jit's cache is per wrapped function, shared by every Sampler: count what this one adds.
     before = SamplerLoop.decode._cache_size(), SamplerLoop.prefill._cache_size()
-    for i, length in enumerate([9, 10, 12, 15, 16]):  # all in bucket 16
+    for i, length in enumerate([9, 10, 12, 15, 16]):  # all in bucket 16, one strategy
         prompts = [[3] * length, [4] * (length - 5)]
         sampler.generate(state, prompts, key=jax.random.key(i), n=2,
-                         temperature=[0.0, 0.5, 1.0, 1.3, 0.9][i], top_p=[1.0, 0.9][i % 2],
-                         top_k=i)
+                         temperature=[0.4, 0.5, 1.0, 1.3, 0.9][i], top_p=[0.95, 0.9][i % 2],
+                         top_k=i + 1)
     assert SamplerLoop.decode._cache_size() - before[0] == 1
     assert SamplerLoop.prefill._cache_size() - before[1] == 1
+    sampler.generate(state, [[3] * 9], key=jax.random.key(0), n=2, temperature=0.0)
+    assert SamplerLoop.decode._cache_size() - before[0] == 2  # greedy: its own loop
 
 
 def test_kv_cache_decoding_matches_full_recompute(models):
@@ -267,7 +271,9 @@ def test_cache_and_rows_land_on_the_tables_shardings(models):
     want = KVCache.shardings(CONFIG, mesh, FSDP_TP)
     assert want.k_LBSKH.spec == P(None, ("data", "fsdp"), None, "tensor", None)
     assert cache.k_LBSKH.sharding.is_equivalent_to(want.k_LBSKH, 5)
-    assert cache.k_LBSKH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, 8 + 3, 1, 8)
+    slots = sampler.config.cache_slots(8)
+    assert slots == 8 + 3  # the first token, then one chunk of 2 steps
+    assert cache.k_LBSKH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, slots, 1, 8)
     assert cache.valid_BS.sharding.is_equivalent_to(want.valid_BS, 2)
     out = loop.decode(placed, cache, logits_BV, sampler._put(valid_PT.sum(1).repeat(2)),
                       jax.random.key(0), SamplingParams.make(0.0))

@@ -13,7 +13,7 @@ from helpers import toy_records, toy_task
 from jaxzero.config.schema import config_from_dict
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.model.config import Qwen2Config
-from jaxzero.model.qwen2 import init_model
+from jaxzero.model.qwen2 import ModelOptions, init_model
 from jaxzero.monitor.writer import Console, MetricsWriter
 from jaxzero.rl import grpo, setup, trainer
 from jaxzero.rl.rollout import RewardWorker
@@ -46,7 +46,7 @@ def toy_run(tmp_path, steps=STEPS, buckets=(8,), grpo=(), records=None):
     params = jax.device_put(params, fns.param_shardings)
     engine = setup.Engine(
         cfg=cfg, mesh=mesh, fns=fns, task=task, reward_worker=RewardWorker(task),
-        sampler=setup.build_sampler(cfg, graphdef, CFG, mesh, stop_ids=(31,), pad_id=0),
+        sampler=setup.build_sampler(cfg, CFG, ModelOptions(), mesh, stop_ids=(31,), pad_id=0),
         ref_params=None, base_key=jax.random.key(0), pad_id=0,
         lr_at=lambda s: float(schedule(s)))
     files = setup.RunFiles(cfg=cfg, run_dir=tmp_path, model_config=CFG,

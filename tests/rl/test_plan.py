@@ -1,19 +1,35 @@
-"""The memory planner counts the sampler's own KV-cache layout, from the sharding table."""
+"""The memory planner counts the rollout as the trainer runs it: its decode copy of the policy
+and the KV cache on the decode layout's shardings, and the compiled decode loop."""
 
-import numpy as np
+import pytest
 
 from helpers import TINY
 from jaxzero.parallel.sharding import make_mesh
-from jaxzero.rl.plan import PlanInputs, plan_memory
+from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
 
 
-def test_kv_cache_is_counted_on_the_samplers_shardings():
-    """B = 8 rows over fsdp=4, S = 8 + 4 slots, K = 2 heads over tensor=2: per device each of
-    k and v is L·2·S·1·H float32, plus the [2, S] valid mask and the end counter."""
+@pytest.mark.parametrize("layout", ["replicated", "tensor"])
+def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
+    """B = 8 rows, S = 8 + 4 slots (the first token, then one chunk of 3), bfloat16 compute.
+    Replicated: the whole copy per device, rows over all 8 devices, K = 2 heads whole.
+    Tensor over (fsdp 4 × tensor 2): heads, MLP and vocab over 8 devices where they divide
+    (K = 2 does not), rows over data = 1."""
     inputs = PlanInputs(prompts_per_step=4, n=2, prompt_len=8, response_len=4, micro_batches=1,
-                        param_dtype="float32", compute_dtype="float32", ref_dtype="float32",
-                        remat=False, use_kl=False)
+                        param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
+                        remat=False, use_kl=False, decode_layout=layout)
     report = plan_memory(TINY, inputs, make_mesh(1, 4, 2))
-    layers, rows, slots, heads, h = TINY.num_hidden_layers, 8 // 4, 12, 2 // 2, TINY.head_dim
-    kv = 2 * layers * rows * slots * heads * h * np.dtype(np.float32).itemsize
+    layers, slots, h = TINY.num_hidden_layers, 12, TINY.head_dim
+    rows, heads = (8 // 8, 2) if layout == "replicated" else (8, 2)
+    kv = 2 * layers * rows * slots * heads * h * 2
+    assert report.decode_layout == layout
     assert report.kv_cache == kv + rows * slots + 4
+    whole = TINY.num_params() * 2
+    if layout == "replicated":
+        assert report.decode_copy == whole
+    else:
+        assert whole / 8 < report.decode_copy < whole / 2  # K-head weights and norms stay whole
+    assert report.sampler_temp > 0
+    assert report.total_rollout_phase == (report.params + report.opt_state + report.reference
+                                          + report.decode_copy + report.kv_cache
+                                          + report.sampler_temp)
+    assert "rollout copy of policy" in format_report("tiny", report, inputs)

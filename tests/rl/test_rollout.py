@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, TINY, toy_records, toy_task
 from jaxzero.config.schema import config_from_dict
 from jaxzero.errors import ConfigError
-from jaxzero.model.qwen2 import abstract_model
+from jaxzero.model.qwen2 import ModelOptions
 from jaxzero.model.sampler import SampleOutput
 from jaxzero.monitor.writer import eval_line, json_line, step_line
 from jaxzero.rl import grpo, setup
@@ -94,12 +94,12 @@ def small_cfg(**rollout):
 
 def test_rollout_micro_batch_and_cache_dtype_reach_the_sampler():
     """Issue 13 §5: both knobs were dead. micro_batch counts sequences, the sampler prompts."""
-    graphdef, _ = abstract_model(TINY)
     mesh = setup.validate(small_cfg())
-    sampler = setup.build_sampler(small_cfg(micro_batch=8, cache_dtype="bfloat16"), graphdef,
-                                  TINY, mesh, stop_ids=(1,), pad_id=0)
+    sampler = setup.build_sampler(small_cfg(micro_batch=8, cache_dtype="bfloat16"), TINY,
+                                  ModelOptions(), mesh, stop_ids=(1,), pad_id=0)
     assert sampler.config.max_prompts_per_call == 2 and sampler.config.cache_dtype == "bfloat16"
-    default = setup.build_sampler(small_cfg(), graphdef, TINY, mesh, stop_ids=(1,), pad_id=0)
+    default = setup.build_sampler(small_cfg(), TINY, ModelOptions(), mesh, stop_ids=(1,),
+                                  pad_id=0)
     assert default.config.max_prompts_per_call is None and default.config.cache_dtype is None
     with pytest.raises(ConfigError, match="rollout.micro_batch=6: .*multiple of rollout.n"):
         small_cfg(micro_batch=6)

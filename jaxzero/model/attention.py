@@ -1,0 +1,161 @@
+"""Grouped-query attention behind one function, `attend`, with one mask input for every caller.
+
+Shapes as in `jaxzero.model.qwen2`. The model computes queries, keys and values (and writes
+the cache); which key slots a query may see is an `AttentionMask`, built once per forward
+pass; `attend` turns both into the attention output, in one of these implementations:
+
+  einsum  scores materialised as [B, K, Q, T, S] float32 (every backend; the CPU default)
+  xla     jax.nn.dot_product_attention, implementation='xla'
+  cudnn   jax.nn.dot_product_attention, implementation='cudnn' (GPU; 16-bit compute)
+  splash  the Pallas TPU splash-attention kernel, left padding as segment ids (TPU)
+
+The fused ones serve causal self-attention over a whole call (training forward passes and
+prefills, T == S); decode steps (one query against a cache prefix) take the einsum on every
+backend, reading only the cache blocks written so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxzero.errors import ConfigError
+from jaxzero.parallel.sharding import ShardingConfig, constrain, fit_spec
+
+_MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
+
+IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "splash")
+_BACKEND_OF = {"cudnn": "gpu", "splash": "tpu"}
+_AUTO = {"gpu": "cudnn", "tpu": "splash"}
+
+
+def resolve_attention(choice: str, backend: str, compute_dtype) -> str:
+    """model.attention for a backend: `auto` is cudnn on GPU, splash on TPU and einsum
+    elsewhere (cudnn only with 16-bit compute); an explicit choice the backend cannot run
+    is refused."""
+    dtype = jnp.dtype(compute_dtype)
+    if choice == "auto":
+        choice = _AUTO.get(backend, "einsum")
+        if choice == "cudnn" and dtype.itemsize != 2:
+            choice = "xla"
+        return choice
+    if choice not in IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention={choice!r}: use auto or one of {IMPLEMENTATIONS}")
+    need = _BACKEND_OF.get(choice)
+    if need is not None and backend != need:
+        raise ConfigError(f"model.attention={choice} runs on {need.upper()} only, and this run's "
+                          f"backend is {backend}; use auto, einsum or xla")
+    if choice == "cudnn" and dtype.itemsize != 2:
+        raise ConfigError(f"model.attention=cudnn needs 16-bit compute (model.compute_dtype is "
+                          f"{dtype.name}); use bfloat16 or model.attention: xla")
+    return choice
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which key slots each query sees: slot s is visible to the query at slot
+    `query_slot_BT[b, t]` iff s <= that slot and `key_valid_BS[b, s]`.
+
+    A pytree (it passes through remat and scans); its arrays are the data.
+    """
+
+    query_slot_BT: jax.Array  # int32: the slot (position in this call, or cache slot) of a query
+    key_valid_BS: jax.Array   # bool: the slot holds a real token
+
+    def allowed_BTS(self) -> jax.Array:
+        s = self.key_valid_BS.shape[1]
+        return (jnp.arange(s)[None, None, :] <= self.query_slot_BT[:, :, None]) & \
+            self.key_valid_BS[:, None, :]
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask, *,
+           compute_dtype, sharding: ShardingConfig, implementation: str = "einsum"
+           ) -> jax.Array:
+    """softmax(q·k / sqrt(H), masked) · v over the K key/value heads, each shared by Q query
+    heads; [B, T, N, H] in the compute dtype. Scores and softmax are float32.
+
+    Only the first S slots of the keys and values are read, S the mask's key width (a cache
+    holds more slots than a decode step has filled). `implementation` is one of
+    IMPLEMENTATIONS, or splash_interpret (the splash kernel interpreted, for tests on CPU);
+    the fused ones take causal self-attention (T == S) and leave the rest to the einsum."""
+    s = mask.key_valid_BS.shape[1]
+    k_BSKH, v_BSKH = k_BSKH[:, :s], v_BSKH[:, :s]
+    if implementation == "einsum" or q_BTNH.shape[1] != s:
+        return _einsum(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype, sharding)
+    if implementation in ("xla", "cudnn"):
+        # Causal over slots plus the valid keys: with T == S the query slots are 0..T-1.
+        allowed_B1TS = jnp.broadcast_to(mask.key_valid_BS[:, None, None, :],
+                                        (q_BTNH.shape[0], 1, s, s))
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH.astype(compute_dtype), k_BSKH.astype(compute_dtype),
+            v_BSKH.astype(compute_dtype), mask=allowed_B1TS, is_causal=True,
+            implementation=implementation)
+        return out_BTNH.astype(compute_dtype)
+    if implementation in ("splash", "splash_interpret"):
+        return _splash(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype, sharding,
+                       interpret=implementation == "splash_interpret")
+    raise ValueError(f"attention implementation {implementation!r}: use one of "
+                     f"{IMPLEMENTATIONS}")
+
+
+def _einsum(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding):
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKQH = q_BTNH.reshape(b, t, k, n // k, h)
+    logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(compute_dtype),
+                              preferred_element_type=jnp.float32)
+    logits_BKQTS = constrain(logits_BKQTS * (h ** -0.5), sharding.scores_BKQTS)
+    logits_BKQTS = jnp.where(mask.allowed_BTS()[:, None, None], logits_BKQTS, _MASKED)
+    probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(compute_dtype)
+    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype))
+    return out_BTKQH.reshape(b, t, n, h)
+
+
+SPLASH_BLOCK = 128  # the kernel's query and key block: T must be a multiple of it
+
+
+def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding, *,
+            interpret: bool):
+    """The splash kernel per (row, KV head) as multi-query attention over its Q heads. Left
+    padding is segment 0 and real tokens segment 1, so with the causal mask a real query
+    sees exactly the real keys up to its own slot (a padding query, only padding)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    if t % SPLASH_BLOCK:
+        raise ConfigError(f"model.attention=splash needs sequence lengths that are multiples "
+                          f"of {SPLASH_BLOCK} (got {t}); use prompt buckets and "
+                          "max_new_tokens that are, or model.attention: einsum")
+    sizes = splash.BlockSizes(
+        block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK, block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
+    kernel = splash.make_splash_mqa_single_device(
+        masks.MultiHeadMask([masks.CausalMask((t, t))] * (n // k)), block_sizes=sizes,
+        interpret=interpret)
+
+    def rows(q_BTNH, k_BSKH, v_BSKH, valid_BS):
+        cd = compute_dtype
+        q_BKQTH = (q_BTNH * (h ** -0.5)).astype(cd).reshape(
+            q_BTNH.shape[0], t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+        k_BKSH = k_BSKH.astype(cd).transpose(0, 2, 1, 3)
+        v_BKSH = v_BSKH.astype(cd).transpose(0, 2, 1, 3)
+        segments_BS = valid_BS.astype(jnp.int32)
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+        out_BKQTH = jax.vmap(lambda q, kk, vv, seg: per_head(
+            q, kk, vv, splash.SegmentIds(q=seg, kv=seg)))(q_BKQTH, k_BKSH, v_BKSH, segments_BS)
+        return out_BKQTH.transpose(0, 3, 1, 2, 4).reshape(q_BTNH.shape).astype(cd)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return rows(q_BTNH, k_BSKH, v_BSKH, mask.key_valid_BS)
+    # A Pallas kernel is not partitioned by XLA: each device runs it on its own rows.
+    rows_axes = tuple(fit_spec(sharding.rows_B, (b,), mesh)[0]) or (None,)
+    spec = lambda ndim: jax.sharding.PartitionSpec(*rows_axes, *[None] * (ndim - 1))
+    return jax.shard_map(rows, mesh=mesh, in_specs=(spec(4), spec(4), spec(4), spec(2)),
+                         out_specs=spec(4), check_vma=False)(
+        q_BTNH, k_BSKH, v_BSKH, mask.key_valid_BS)
