@@ -77,6 +77,19 @@ def positions_from_mask(valid_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def attention_mask(query_slot_BT: jax.Array, key_valid_BS: jax.Array,
+                   segments_BT: jax.Array | None = None) -> jax.Array:
+    """Which key slots each query may attend to, bool [B, T, S]: causal over slots and only
+    valid keys; with segment ids (packed rows, no cache, so S = T), only keys of the query's
+    own segment, a block-diagonal causal mask."""
+    s = key_valid_BS.shape[1]
+    allowed_BTS = (jnp.arange(s)[None, None, :] <= query_slot_BT[:, :, None]) & \
+        key_valid_BS[:, None, :]
+    if segments_BT is not None:
+        allowed_BTS = allowed_BTS & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    return allowed_BTS
+
+
 def rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     x32 = x_BTD.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -117,7 +130,8 @@ class Attention(nnx.Module):
         self.config = config
         self.options = options
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache,
+                 segments_BT=None):
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(cd))
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
@@ -140,13 +154,11 @@ class Attention(nnx.Module):
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
         b, t = x_BTD.shape[:2]
-        s = k_BSKH.shape[1]
         q_BTKQH = q_BTNH.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
         logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(cd),
                                   preferred_element_type=jnp.float32)
         logits_BKQTS = constrain(logits_BKQTS * (cfg.head_dim ** -0.5), shd.scores_BKQTS)
-        allowed_BTS = (jnp.arange(s)[None, None, :] <= query_slot_BT[:, :, None]) & \
-            key_valid_BS[:, None, :]
+        allowed_BTS = attention_mask(query_slot_BT, key_valid_BS, segments_BT)
         logits_BKQTS = jnp.where(allowed_BTS[:, None, None], logits_BKQTS, _MASKED)
         probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(cd)
         out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(cd))
@@ -182,16 +194,19 @@ class Block(nnx.Module):
         self.mlp = MLP(config, options, rngs)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
+    def __call__(self, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache,
+                 segments_BT=None):
         attn_BTD, cache = self.attn(rms_norm(x_BTD, self.attn_norm_D[...], self.eps),
-                                    positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+                                    positions_BT, query_slot_BT, key_valid_BS, layer, cache,
+                                    segments_BT)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(rms_norm(x_BTD, self.mlp_norm_D[...], self.eps))
         return x_BTD, cache
 
 
-def _run_block(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache):
-    return block(x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache)
+def _run_block(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache,
+               segments_BT):
+    return block(x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer, cache, segments_BT)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -214,19 +229,24 @@ class Qwen2ForCausalLM(nnx.Module):
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.options.compute_dtype)
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
-    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,
+                      segments_BT=None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
-        Without a cache, tokens attend causally to the valid tokens of this call. With one,
-        the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
-        valid slot up to their own.
+        Without a cache, tokens attend causally to the valid tokens of this call; with
+        `segments_BT` (int32 ids of the sequences packed in a row), only to those of their
+        own segment, and `positions_BT` should restart at each segment. With a cache, the T
+        new tokens are written at slots [cache.end, cache.end + T) and attend to every valid
+        slot up to their own.
         """
         return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
-                                                  cache)
+                                                  cache, segments_BT)
 
     def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
-                                      cache: KVCache | None = None):
+                                      cache: KVCache | None = None, segments_BT=None):
         """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
+        if segments_BT is not None and cache is not None:
+            raise ValueError("packed segments are for the cache-free (training) pass only")
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
         shape_BT, shd = valid_BT.shape, self.options.sharding
@@ -242,7 +262,7 @@ class Qwen2ForCausalLM(nnx.Module):
         run = nnx.remat(_run_block, static_argnums=(5,)) if self.options.remat else _run_block
         for layer, block in enumerate(self.layers):
             x_BTD, cache = run(block, x_BTD, positions_BT, query_slot_BT, key_valid_BS, layer,
-                               cache)
+                               cache, segments_BT)
             x_BTD = constrain(x_BTD, shd.act_BTD)
         if cache is not None:
             cache = cache._replace(end=cache.end + t)
