@@ -56,7 +56,8 @@ def run(args) -> None:
         micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
         compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
         remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
-        rollout_micro_batch=cfg.rollout.micro_batch)
+        rollout_micro_batch=cfg.rollout.micro_batch,
+        micro_batch_tokens=cfg.grpo.micro_batch_tokens)
     report = plan_memory(model_config, inputs, mesh)
     print(format_report(cfg.model.path or "demo model", report, inputs,
                         args.device_memory_gib))

@@ -249,12 +249,13 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
         return model
 
     def logprobs_of_rows(params, rows: Rows):
-        model = merge(params)
+        def scored(params, mb: Rows):
+            return row_logprobs(merge(params), mb, chunk=logit_chunk, temperature=temperature)[0]
 
         def one(mb: Rows):
-            zeros = jnp.zeros(mb.targets_MBN.shape, jnp.float32)
-            return jax.lax.cond(mb.live_M > 0, lambda: row_logprobs(
-                model, mb, chunk=logit_chunk, temperature=temperature)[0], lambda: zeros)
+            # Operands, not closures: NNX modules do not cross trace levels.
+            return jax.lax.cond(mb.live_M > 0, scored, lambda _, mb: jnp.zeros(
+                mb.targets_MBN.shape, jnp.float32), params, mb)
 
         return jax.lax.map(one, rows)
 
@@ -290,14 +291,16 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
             (_, metrics_shape), _ = jax.eval_shape(grad_fn, params,
                                                    *jax.tree.map(lambda x: x[0], micro))
 
+            def add(carry, params, mb):
+                grads_acc, loss_acc, metrics_acc = carry
+                (value, metrics), grads = grad_fn(params, *mb)
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + value,
+                        jax.tree.map(jnp.add, metrics_acc, metrics))
+
             def accumulate(carry, mb):
-                def add(carry):
-                    grads_acc, loss_acc, metrics_acc = carry
-                    (value, metrics), grads = grad_fn(params, *mb)
-                    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + value,
-                            jax.tree.map(jnp.add, metrics_acc, metrics))
                 # An empty micro-batch (packed layouts pad their count) costs nothing.
-                return jax.lax.cond(mb[0].live_M > 0, add, lambda c: c, carry), None
+                return jax.lax.cond(mb[0].live_M > 0, add, lambda c, *_: c, carry, params,
+                                    mb), None
 
             init = (zeros, jnp.zeros((), jnp.float32),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
