@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler-logprobs", action="store_true",
                    help="jaxzero: use the sampler's log-probs as the old ones (TRL's default "
                         "skips the old pass too) instead of recomputing them")
+    p.add_argument("--layers", type=int, default=None,
+                   help="blocks of the model (default: the preset's 24); fewer for a small run")
     p.add_argument("--length-mix", type=int, default=None, metavar="LOW",
                    help="jaxzero: response lengths log-uniform on [LOW, --new-tokens], stops "
                         "forced there (benchmarks/length_mix.py); default: all full length")
@@ -93,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--pack-tokens", type=int, default=None,
                    help="jaxzero --layout packed: tokens per packed row (default: twice the "
                         "longest rollout)")
+    p.add_argument("--logit-chunk", type=int, default=128,
+                   help="jaxzero: response positions whose logits are formed at once "
+                        "(grpo.logit_chunk); trimmed and packed rows skip empty chunks")
     p.add_argument("--skip-old-pass", action="store_true",
                    help="jaxzero: one update per step takes the current log-probs, detached, "
                         "as the old ones (no old-log-prob pass)")
@@ -106,9 +111,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- shared
 
 
-def model_config():
+def model_config(layers: int | None = None):
+    """The preset's shape, with `layers` blocks if given (a smaller run of the same widths)."""
+    import dataclasses
     from jaxzero.model.config import preset
-    return preset(PRESET)
+    cfg = preset(PRESET)
+    return cfg if layers is None else dataclasses.replace(cfg, num_hidden_layers=layers)
 
 
 def make_prompts(tokenizer, count: int, max_len: int):
@@ -169,7 +177,7 @@ def run_jaxzero(args, dtype: str) -> dict:
     from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
     from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
-    cfg = model_config()
+    cfg = model_config(args.layers)
     tokenizer = load_tokenizer()
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
     prompt_ids = [ids for _, ids, _ in prompts]
@@ -185,7 +193,8 @@ def run_jaxzero(args, dtype: str) -> dict:
     loss_config = grpo.LossConfig(kl_coef=0.001, entropy_coeff=0.001, agg="token-mean",
                                   kl_kind="low_var_kl")
     fns = build_step_functions(graphdef, params, optimizer, loss_config, mesh,
-                               response_len=args.new_tokens, micro_batches=args.micro_batches)
+                               response_len=args.new_tokens, micro_batches=args.micro_batches,
+                               logit_chunk=args.logit_chunk)
     params = jax.device_put(params, fns.param_shardings)
     # The reference must be its own buffers: the update donates (overwrites) the policy's.
     ref_params = jax.tree.map(jnp.copy, params)
@@ -231,7 +240,7 @@ def run_jaxzero(args, dtype: str) -> dict:
             state["params"], state["opt_state"], model_rows, loss)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t
-        computed = length_mix.layout_flops(cfg, lay, model_rows.live_M, chunk=128)
+        computed = length_mix.layout_flops(cfg, lay, model_rows.live_M, chunk=args.logit_chunk)
         return metrics, computed
 
     def step(index: int) -> dict:
@@ -318,7 +327,7 @@ def run_trl(args, dtype: str) -> dict:
     from jaxzero.diagnosis import reward
 
     torch.set_num_threads(os.cpu_count())
-    cfg = model_config()
+    cfg = model_config(args.layers)
     tokenizer = load_tokenizer()
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
     weights_dtype, autocast_bf16 = TRL_MODES[dtype]
@@ -521,8 +530,9 @@ def main(argv=None) -> None:
                          "would still run every rollout to full length: use --systems jaxzero")
     # One dtype at a time, both systems back to back, so a comparison shares the machine's load.
     dtypes = list(dict.fromkeys(d for s in systems for d in wanted[s]))
-    cfg = model_config()
-    print(f"grpo_step: {PRESET} random weights, {args.prompts} prompts x {args.n} rollouts, "
+    cfg = model_config(args.layers)
+    print(f"grpo_step: {PRESET}-shaped random weights, {cfg.num_hidden_layers} layers, "
+          f"{args.prompts} prompts x {args.n} rollouts, "
           f"prompts <= {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
     results = []
