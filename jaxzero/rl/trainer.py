@@ -124,17 +124,22 @@ def score(engine: Engine, rollouts: Rollouts) -> tuple[Any, Future]:
     return host, engine.reward_worker.submit(host.tokens, host.lengths, targets)
 
 
-def lay_out(engine: Engine, valid_BT: np.ndarray) -> layout.Layout:
-    """Where the batch's rollouts go in the rows the log-prob passes and the update run on:
-    trimmed to the longest, or packed to grpo.micro_batch_tokens. Needs only the tokens."""
+def lay_out(engine: Engine, tokens_BT: np.ndarray, valid_BT: np.ndarray
+            ) -> tuple[layout.Layout, Rows]:
+    """Where the batch's rollouts go in the rows the log-prob passes and the update run on
+    (trimmed to the longest, or packed to grpo.micro_batch_tokens), and those rows on the
+    devices. Needs only the tokens."""
     g, response_slots = engine.cfg.grpo, engine.cfg.rollout.max_new_tokens
     shards = engine.mesh.shape["data"] * engine.mesh.shape["fsdp"]
     if g.micro_batch_tokens is None:
-        return layout.trimmed(valid_BT, response_slots, micro_batches=g.micro_batches,
-                              width_multiple=g.row_width_multiple, rows_multiple=shards)
-    # At most one rollout a row: the count that fits any batch, so one shape serves all.
-    return layout.packed(valid_BT, response_slots, width=g.micro_batch_tokens, rows=shards,
-                         micro_batches=-(-valid_BT.shape[0] // shards))
+        lay = layout.trimmed(valid_BT, response_slots, micro_batches=g.micro_batches,
+                             width_multiple=g.row_width_multiple, rows_multiple=shards)
+    else:
+        # As many micro-batches as one rollout a row needs: the count that fits any batch,
+        # so one shape serves every step.
+        lay = layout.packed(valid_BT, response_slots, width=g.micro_batch_tokens, rows=shards,
+                            micro_batches=-(-valid_BT.shape[0] // shards))
+    return lay, put_global(lay.rows_of(tokens_BT), engine.fns.row_shardings)
 
 
 def logprob_passes(engine: Engine, state: TrainState, lay: layout.Layout, rows: Rows,
@@ -156,10 +161,10 @@ def logprob_passes(engine: Engine, state: TrainState, lay: layout.Layout, rows: 
     return old, ref
 
 
-def row_loss(engine: Engine, lay: layout.Layout, rows: HostBatch, old, ref) -> RowLoss:
+def row_loss(engine: Engine, lay: layout.Layout, batch: HostBatch, old, ref) -> RowLoss:
     """The update's loss inputs on the devices: the batch's advantages and weights in the
     layout's slots, with the log-prob passes' results."""
-    host = lay.loss_of(rows.response_mask_BR, rows.advantages_B, loss_config(engine.cfg.grpo))
+    host = lay.loss_of(batch.response_mask_BR, batch.advantages_B, loss_config(engine.cfg.grpo))
     shard = engine.fns.row_loss_shardings
     return RowLoss(*(put_global(x, s) for x, s in zip(host[:3], shard[:3])), old, ref)
 
@@ -237,8 +242,7 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
                                                           timings, console)
         batch = assemble(engine, candidates, groups)
         rows = batch.take(train_order(engine, batch.valid_BT))
-        lay = lay_out(engine, rows.valid_BT)
-        model_rows = put_global(lay.rows_of(rows.tokens_BT), engine.fns.row_shardings)
+        lay, model_rows = lay_out(engine, rows.tokens_BT, rows.valid_BT)
         old, ref = logprob_passes(engine, state, lay, model_rows, rows.sampler_logp_BR, console)
         analysis = engine.task.analyze(batch.texts)  # of the rows kept, from any batch
     else:
@@ -248,8 +252,7 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
         logp_BR = host.logprobs
         if order is not None:
             tokens_BT, valid_BT, logp_BR = tokens_BT[order], valid_BT[order], logp_BR[order]
-        lay = lay_out(engine, valid_BT)
-        model_rows = put_global(lay.rows_of(tokens_BT), engine.fns.row_shardings)
+        lay, model_rows = lay_out(engine, tokens_BT, valid_BT)
         old, ref = logprob_passes(engine, state, lay, model_rows, logp_BR, console)
         candidates = [Candidates(host, first.records, _waited(pending, timings))]
         batch = assemble(engine, candidates, groups)

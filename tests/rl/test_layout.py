@@ -99,7 +99,7 @@ def test_packed_segments_are_causal_and_blind_to_each_other():
 
     for grad, seen in zip(sensitivity(x), ({0, 1}, {3, 4, 5})):
         moved = np.abs(np.asarray(grad)[0]).sum(-1) > 0
-        assert set(np.flatnonzero(moved)) == seen, t
+        assert set(np.flatnonzero(moved)) == seen
 
 
 def _fresh(loss_config, mesh, optimizer, **options):
