@@ -21,9 +21,13 @@ from jaxzero.parallel.sharding import make_mesh, put_global
 from jaxzero.rl import grpo, layout
 from jaxzero.rl.train_step import build_step_functions, init_opt_state
 
-# The seed's mode by default: its weights carry a per-group normaliser, the hardest to keep.
-MODES = [grpo.SEED_AGG, *[pytest.param(m, marks=pytest.mark.slow) for m in (
-    "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")]]
+# By default the seed's mode on packed rows: its weights carry a per-group normaliser and the
+# rows several rollouts, the hardest case; every other pair is slow.
+CASES = [(grpo.SEED_AGG, "packed"), *[
+    pytest.param(mode, name, marks=pytest.mark.slow)
+    for mode in (grpo.SEED_AGG, "seq-mean-token-mean", "token-mean", "seq-mean-token-sum",
+                 "seq-mean-token-sum-norm") for name in ("trimmed", "packed")
+    if (mode, name) != (grpo.SEED_AGG, "packed")]]
 
 
 def _host_batch(seed=0, b=8):
@@ -119,8 +123,8 @@ def _close(got, want, *, what):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * largest, err_msg=what)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_trimmed_and_packed_rows_give_the_padded_update(mode):
+@pytest.mark.parametrize("mode,name", CASES)
+def test_trimmed_and_packed_rows_give_the_padded_update(mode, name):
     config = dataclasses.replace(LOSS, agg=mode,
                                  group_rows=2 if mode == grpo.SEED_AGG else None)
     mesh = make_mesh(1, 2, 1, devices=jax.devices()[:2])
@@ -138,21 +142,21 @@ def test_trimmed_and_packed_rows_give_the_padded_update(mode):
         logp = np.asarray(fns.logprobs(params, host.tokens_BT, host.valid_BT))
         return (logp, *fns.update(params, opt_state, grpo_batch(seed=1))[::2])
 
-    want = stepped(padded)
-    for name, lay in _layouts(host).items():
-        def laid_out(fns, params, opt_state):
-            rows = put_global(lay.rows_of(host.tokens_BT), fns.row_shardings)
-            logp = lay.gather(np.asarray(fns.row_logprobs(params, rows)), R)
-            loss = lay.loss_of(host.response_mask_BR, host.advantages_B, config)._replace(
-                old_logp_MBN=lay.scatter(host.old_logp_BR),
-                ref_logp_MBN=lay.scatter(host.ref_logp_BR))
-            return (logp, *fns.row_update(params, opt_state, rows, loss)[::2])
+    lay = _layouts(host)[name]
 
-        got = stepped(laid_out)
-        valid_BR = host.valid_BT[:, -R:]
-        np.testing.assert_allclose(np.where(valid_BR, got[2], 0), np.where(valid_BR, want[2], 0),
-                                   atol=1e-6, err_msg=name)
-        _close(got, want, what=f"{name} {mode}")
+    def laid_out(fns, params, opt_state):
+        rows = put_global(lay.rows_of(host.tokens_BT), fns.row_shardings)
+        logp = lay.gather(np.asarray(fns.row_logprobs(params, rows)), R)
+        loss = lay.loss_of(host.response_mask_BR, host.advantages_B, config)._replace(
+            old_logp_MBN=lay.scatter(host.old_logp_BR),
+            ref_logp_MBN=lay.scatter(host.ref_logp_BR))
+        return (logp, *fns.row_update(params, opt_state, rows, loss)[::2])
+
+    want, got = stepped(padded), stepped(laid_out)
+    valid_BR = host.valid_BT[:, -R:]
+    np.testing.assert_allclose(np.where(valid_BR, got[2], 0), np.where(valid_BR, want[2], 0),
+                               atol=1e-6)
+    _close(got, want, what=f"{name} {mode}")
 
 
 def test_one_update_per_step_needs_no_old_logprob_pass():
