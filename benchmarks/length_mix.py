@@ -75,5 +75,5 @@ def layout_flops(cfg, lay, live_M, chunk: int) -> float:
     for live in np.asarray(live_M):
         if live:
             scored = -(-int(live) // chunk) * chunk
-            flops += lay.rows * sequence_flops(cfg, lay.width, min(scored, lay.width))
+            flops += lay.rows * sequence_flops(cfg, lay.width, min(scored, lay.slots))
     return flops

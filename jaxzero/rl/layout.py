@@ -34,7 +34,8 @@ class Layout:
 
     micro_batches: int     # M
     rows: int              # K rows per micro-batch
-    width: int             # W tokens per row, and N = W scored slots
+    width: int             # W tokens per row
+    slots: int             # N scored slots per row
     prompt_slots: int      # P of the padded batch
     row_B: np.ndarray      # int64
     offset_B: np.ndarray   # int64, the segment's first position in its row
@@ -59,15 +60,15 @@ class Layout:
     def scatter(self, x_BR: np.ndarray, fill=0) -> np.ndarray:
         """Per-response-token values [B, R] -> the scored slots [M, K, N]."""
         row, slot, b, r = self._slots()
-        out = np.full((self.micro_batches * self.rows, self.width), fill, x_BR.dtype)
+        out = np.full((self.micro_batches * self.rows, self.slots), fill, x_BR.dtype)
         out[row, slot] = x_BR[b, r]
-        return out.reshape(self.micro_batches, self.rows, self.width)
+        return out.reshape(self.micro_batches, self.rows, self.slots)
 
     def gather(self, x_MKN: np.ndarray, response_slots: int, fill=0) -> np.ndarray:
         """The scored slots [M, K, N] -> [B, R] (`fill` where a rollout has no token)."""
         row, slot, b, r = self._slots()
         out = np.full((self.row_B.size, response_slots), fill, x_MKN.dtype)
-        out[b, r] = np.asarray(x_MKN).reshape(-1, self.width)[row, slot]
+        out[b, r] = np.asarray(x_MKN).reshape(-1, self.slots)[row, slot]
         return out
 
     def rows_of(self, tokens_BT: np.ndarray) -> Rows:
@@ -76,8 +77,8 @@ class Layout:
         tokens = np.zeros((total, self.width), np.int32)
         segments = np.zeros((total, self.width), np.int32)
         positions = np.zeros((total, self.width), np.int32)
-        pick = np.zeros((total, self.width), np.int32)
-        targets = np.zeros((total, self.width), np.int32)
+        pick = np.zeros((total, self.slots), np.int32)
+        targets = np.zeros((total, self.slots), np.int32)
         seen = np.zeros(total, np.int32)
         p = self.prompt_slots
         for b, (row, off, plen, rlen) in enumerate(zip(self.row_B, self.offset_B,
@@ -95,8 +96,9 @@ class Layout:
         used_K = np.zeros(total, np.int64)
         np.maximum.at(used_K, self.row_B, self.slot_B + self.response_len_B)
         shape = (self.micro_batches, self.rows, self.width)
+        slots = (self.micro_batches, self.rows, self.slots)
         return Rows(tokens.reshape(shape), segments.reshape(shape), positions.reshape(shape),
-                    pick.reshape(shape), targets.reshape(shape),
+                    pick.reshape(slots), targets.reshape(slots),
                     used_K.reshape(self.micro_batches, self.rows).max(-1).astype(np.int32))
 
     def loss_of(self, response_mask_BR: np.ndarray, advantages_B: np.ndarray,
@@ -143,8 +145,9 @@ def trimmed(valid_BT: np.ndarray, response_slots: int, *, micro_batches: int,
     rows = math.ceil(b // micro_batches / rows_multiple) * rows_multiple
     index = np.arange(b)
     zeros = np.zeros(b, np.int64)
-    return Layout(micro_batches, rows, width, valid_BT.shape[1] - response_slots,
-                  row_B=(index % micro_batches) * rows + index // micro_batches,
+    # One rollout a row: at most its response's slots.
+    return Layout(micro_batches, rows, width, min(width, response_slots),
+                  valid_BT.shape[1] - response_slots, row_B=(index % micro_batches) * rows + index // micro_batches,
                   offset_B=zeros, slot_B=zeros, prompt_len_B=plen_B, response_len_B=rlen_B)
 
 
@@ -177,6 +180,7 @@ def packed(valid_BT: np.ndarray, response_slots: int, *, width: int, rows: int,
     if count > rows * micro_batches:
         raise ValueError(f"the rollouts need {count // rows} micro-batches of {rows} rows of "
                          f"{width} tokens; at most {micro_batches} were allowed")
-    return Layout(micro_batches, rows, width, valid_BT.shape[1] - response_slots, row_B=row_B,
+    return Layout(micro_batches, rows, width, width, valid_BT.shape[1] - response_slots,
+                  row_B=row_B,
                   offset_B=offset_B, slot_B=slot_B, prompt_len_B=plen_B,
                   response_len_B=rlen_B)

@@ -59,9 +59,10 @@ def test_each_rollout_is_one_segment_of_its_real_tokens():
                                           np.arange(real.size))
         assert (segments > 0).sum() == host.valid_BT.sum()
         # Every scored slot's target is the token after the position that scores it.
-        pick, targets = rows.pick_MBN.reshape(-1, lay.width), rows.targets_MBN.reshape(-1, lay.width)
+        pick = rows.pick_MBN.reshape(-1, lay.slots)
+        targets = rows.targets_MBN.reshape(-1, lay.slots)
         live = lay.scatter(np.ones((len(host.valid_BT), R), bool) & host.valid_BT[:, p:],
-                           fill=False).reshape(-1, lay.width)
+                           fill=False).reshape(-1, lay.slots)
         rows_S, slots_S = np.nonzero(live)
         np.testing.assert_array_equal(tokens[rows_S, pick[rows_S, slots_S] + 1],
                                       targets[rows_S, slots_S])
