@@ -104,7 +104,7 @@ def run_jaxzero(args, hw) -> dict:
     from benchmarks.grpo_step import update_flops
     from jaxzero.model.qwen2 import ModelOptions, init_model
     from jaxzero.parallel.sharding import bytes_per_device, device_memory_bytes
-    from jaxzero.rl import grpo, setup
+    from jaxzero.rl import setup
     from jaxzero.rl.plan import PlanInputs, plan_memory
     from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state
 

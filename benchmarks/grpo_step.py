@@ -11,6 +11,11 @@ systems of a comparison are timed close together.
     /work/venv/bin/python benchmarks/grpo_step.py        # jaxzero f32, TRL f32 and bf16
     /work/venv/bin/python benchmarks/grpo_step.py --systems jaxzero,trl --dtypes float32 --steps 2
     /work/venv/bin/python benchmarks/grpo_step.py --new-tokens 16    # a quick look
+    # reasoning-like lengths (50-1,024, benchmarks/length_mix.py), before and after:
+    /work/venv/bin/python benchmarks/grpo_step.py --systems jaxzero --new-tokens 1024 \
+        --length-mix 50 --layout padded
+    /work/venv/bin/python benchmarks/grpo_step.py --systems jaxzero --new-tokens 1024 \
+        --length-mix 50 --layout packed --skip-old-pass
 
 The default takes about 9 minutes on an idle 2-core machine (TRL's float32 run alone is over 4)
 and much longer on a busy one. Results and the exact commands: BENCHMARKS.md.
@@ -77,6 +82,25 @@ def parse_args(argv=None):
     p.add_argument("--sampler-logprobs", action="store_true",
                    help="jaxzero: use the sampler's log-probs as the old ones (TRL's default "
                         "skips the old pass too) instead of recomputing them")
+    p.add_argument("--layers", type=int, default=None,
+                   help="blocks of the model (default: the preset's 24); fewer for a small run")
+    p.add_argument("--length-mix", type=int, default=None, metavar="LOW",
+                   help="jaxzero: response lengths log-uniform on [LOW, --new-tokens], stops "
+                        "forced there (benchmarks/length_mix.py); default: all full length")
+    p.add_argument("--layout", choices=("padded", "trimmed", "packed"), default="padded",
+                   help="jaxzero: the rows of the log-prob passes and the update (padded: "
+                        "the sampler's batch as it is, the old default)")
+    p.add_argument("--width-multiple", type=int, default=64,
+                   help="jaxzero --layout trimmed: row widths are multiples of this")
+    p.add_argument("--pack-tokens", type=int, default=None,
+                   help="jaxzero --layout packed: tokens per packed row (default: twice the "
+                        "longest rollout)")
+    p.add_argument("--logit-chunk", type=int, default=128,
+                   help="jaxzero: response positions whose logits are formed at once "
+                        "(grpo.logit_chunk); trimmed and packed rows skip empty chunks")
+    p.add_argument("--skip-old-pass", action="store_true",
+                   help="jaxzero: one update per step takes the current log-probs, detached, "
+                        "as the old ones (no old-log-prob pass)")
     p.add_argument("--retries", type=int, default=1,
                    help="reruns of a worker the kernel killed (the OOM killer, on a shared box)")
     p.add_argument("--skip-hardware", action="store_true", help="no matmul probe (no MFU)")
@@ -87,9 +111,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- shared
 
 
-def model_config():
+def model_config(layers: int | None = None):
+    """The preset's shape, with `layers` blocks if given (a smaller run of the same widths)."""
+    import dataclasses
     from jaxzero.model.config import preset
-    return preset(PRESET)
+    cfg = preset(PRESET)
+    return cfg if layers is None else dataclasses.replace(cfg, num_hidden_layers=layers)
 
 
 def make_prompts(tokenizer, count: int, max_len: int):
@@ -117,13 +144,9 @@ def make_prompts(tokenizer, count: int, max_len: int):
 
 def flops_forward(cfg, rows: int, seq: int, scored: int) -> float:
     """Model FLOPs of one forward pass over rows x seq tokens, with logits at `scored` positions
-    per row: the dense matmuls, attention over all seq x seq pairs (the PaLM convention), and
-    the lm_head. The embedding gather, norms and softmax are not counted."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    per_token = 2 * cfg.num_hidden_layers * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f)
-    attention = 4 * cfg.num_hidden_layers * n * h * seq * seq
-    return rows * (seq * per_token + attention + scored * 2 * d * cfg.vocab_size)
+    per row (`length_mix.sequence_flops`)."""
+    from benchmarks.length_mix import sequence_flops
+    return rows * sequence_flops(cfg, seq, scored)
 
 
 def update_flops(cfg, rows: int, prompt_len: int, new_tokens: int) -> float:
@@ -145,7 +168,8 @@ def run_jaxzero(args, dtype: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxzero.rl import grpo
+    from benchmarks import length_mix
+    from jaxzero.rl import grpo, layout
     from jaxzero.diagnosis import reward
     from jaxzero.model.qwen2 import ModelOptions, init_model
     from jaxzero.rl.rollout import response_mask
@@ -153,7 +177,7 @@ def run_jaxzero(args, dtype: str) -> dict:
     from jaxzero.parallel.sharding import batch_sharding, make_mesh, put_global
     from jaxzero.rl.train_step import TrainBatch, build_step_functions, init_opt_state, make_optimizer
 
-    cfg = model_config()
+    cfg = model_config(args.layers)
     tokenizer = load_tokenizer()
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
     prompt_ids = [ids for _, ids, _ in prompts]
@@ -169,7 +193,8 @@ def run_jaxzero(args, dtype: str) -> dict:
     loss_config = grpo.LossConfig(kl_coef=0.001, entropy_coeff=0.001, agg="token-mean",
                                   kl_kind="low_var_kl")
     fns = build_step_functions(graphdef, params, optimizer, loss_config, mesh,
-                               response_len=args.new_tokens, micro_batches=args.micro_batches)
+                               response_len=args.new_tokens, micro_batches=args.micro_batches,
+                               logit_chunk=args.logit_chunk)
     params = jax.device_put(params, fns.param_shardings)
     # The reference must be its own buffers: the update donates (overwrites) the policy's.
     ref_params = jax.tree.map(jnp.copy, params)
@@ -182,12 +207,51 @@ def run_jaxzero(args, dtype: str) -> dict:
     state = {"params": params, "opt_state": opt_state}
     base_key = jax.random.key(0)
 
+    def lay_out(valid_BT):
+        if args.layout == "trimmed":
+            return layout.trimmed(valid_BT, args.new_tokens, micro_batches=args.micro_batches,
+                                  width_multiple=args.width_multiple)
+        width = args.pack_tokens or 2 * (args.prompt_len + args.new_tokens)
+        return layout.packed(valid_BT, args.new_tokens, width=width, rows=1,
+                             micro_batches=len(valid_BT))
+
+    def laid_out_passes(host, tokens_BT, valid_BT, mask_BR, adv_B, times):
+        """The log-prob passes and the update on trimmed or packed rows; (metrics, the
+        update's FLOP share spent on padding)."""
+        lay = lay_out(valid_BT)
+        model_rows = put_global(lay.rows_of(tokens_BT), fns.row_shardings)
+        t = time.perf_counter()
+        ref_logp = fns.row_logprobs(ref_params, model_rows).block_until_ready()
+        times["reference"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if args.sampler_logprobs:
+            old_logp = put_global(lay.scatter(host.logprobs), fns.row_loss_shardings.old_logp_MBN)
+        elif args.skip_old_pass:
+            old_logp = None
+        else:
+            old_logp = fns.row_logprobs(state["params"], model_rows).block_until_ready()
+        times["old_logprobs"] = time.perf_counter() - t
+        t = time.perf_counter()
+        loss = lay.loss_of(mask_BR, adv_B, loss_config)
+        loss = loss._replace(**{f: put_global(getattr(loss, f), getattr(fns.row_loss_shardings, f))
+                                for f in loss._fields[:3]},
+                             old_logp_MBN=old_logp, ref_logp_MBN=ref_logp)
+        state["params"], state["opt_state"], metrics = fns.row_update(
+            state["params"], state["opt_state"], model_rows, loss)
+        metrics = jax.device_get(metrics)
+        times["update"] = time.perf_counter() - t
+        computed = length_mix.layout_flops(cfg, lay, model_rows.live_M, chunk=args.logit_chunk)
+        return metrics, computed
+
     def step(index: int) -> dict:
         times = {}
         t = time.perf_counter()
         out = sampler.generate(state["params"], prompt_ids, key=jax.random.fold_in(base_key, index),
                                n=args.n, temperature=1.0, top_p=1.0, top_k=0)
         host = jax.tree.map(np.asarray, out)
+        if args.length_mix is not None:
+            host = length_mix.force_stops(host, length_mix.draw_lengths(
+                index, len(host.tokens), args.length_mix, args.new_tokens), tokenizer.pad_token_id)
         times["rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -201,6 +265,24 @@ def run_jaxzero(args, dtype: str) -> dict:
         valid_BT = np.concatenate([host.prompt_mask, host.mask], axis=1)
         times["reward"] = time.perf_counter() - t
 
+        plen_B = host.prompt_mask.sum(-1)
+        useful = length_mix.useful_flops(cfg, plen_B, host.lengths)
+        if args.layout == "padded":
+            metrics = padded_passes(host, tokens_BT, valid_BT, mask_BR, adv_B, times)
+            computed = length_mix.padded_flops(cfg, *tokens_BT.shape, args.new_tokens)
+        else:
+            metrics, computed = laid_out_passes(host, tokens_BT, valid_BT, mask_BR, adv_B, times)
+        times["step"] = sum(times.values())
+        if args.length_mix is None:
+            assert int(host.lengths.sum()) == len(prompt_ids) * args.n * args.new_tokens, \
+                "every rollout must be full length"
+        assert np.isfinite(metrics["loss"]) and not metrics["skipped"], metrics
+        times["padding_flops"] = 1.0 - useful / computed
+        times["useful_tflop"] = useful / 1e12
+        times["real_tokens"] = float(host.lengths.sum())
+        return times
+
+    def padded_passes(host, tokens_BT, valid_BT, mask_BR, adv_B, times):
         t = time.perf_counter()
         tokens_dev, valid_dev = rows(tokens_BT), rows(valid_BT)
         ref_logp = fns.logprobs(ref_params, tokens_dev, valid_dev).block_until_ready()
@@ -209,6 +291,8 @@ def run_jaxzero(args, dtype: str) -> dict:
         t = time.perf_counter()
         if args.sampler_logprobs:
             old_logp = rows(host.logprobs)
+        elif args.skip_old_pass:
+            old_logp = None
         else:
             old_logp = fns.logprobs(state["params"], tokens_dev, valid_dev).block_until_ready()
         times["old_logprobs"] = time.perf_counter() - t
@@ -220,15 +304,13 @@ def run_jaxzero(args, dtype: str) -> dict:
             state["params"], state["opt_state"], batch)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t
-        times["step"] = sum(times.values())
-        assert int(host.lengths.sum()) == len(prompt_ids) * args.n * args.new_tokens, \
-            "every rollout must be full length"
-        assert np.isfinite(metrics["loss"]) and not metrics["skipped"], metrics
-        return times
+        return metrics
 
     return timed_steps("jaxzero", dtype, step, args, setup_s,
                        note=f"params {param_dtype}, compute {compute_dtype}, "
-                            f"micro_batches {args.micro_batches}, remat {args.remat}")
+                            f"micro_batches {args.micro_batches}, remat {args.remat}, "
+                            f"layout {args.layout}, old pass "
+                            f"{'skipped' if args.skip_old_pass else 'sampler' if args.sampler_logprobs else 'recomputed'}")
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -245,7 +327,7 @@ def run_trl(args, dtype: str) -> dict:
     from jaxzero.diagnosis import reward
 
     torch.set_num_threads(os.cpu_count())
-    cfg = model_config()
+    cfg = model_config(args.layers)
     tokenizer = load_tokenizer()
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
     weights_dtype, autocast_bf16 = TRL_MODES[dtype]
@@ -431,6 +513,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    sys.path.insert(0, ROOT)  # benchmarks.length_mix, for the FLOP counts
     argv = sys.argv[1:] if argv is None else argv
     systems = args.systems.split(",")
     wanted = {"jaxzero": (args.dtypes or args.jaxzero_dtypes).split(","),
@@ -442,10 +525,14 @@ def main(argv=None) -> None:
         for d in wanted[s]:
             if d not in modes:
                 raise SystemExit(f"unknown {s} dtype {d!r}; choose from {tuple(modes)}")
+    if args.length_mix is not None and "trl" in systems:
+        raise SystemExit("--length-mix forces jaxzero's stops after sampling; TRL's generate "
+                         "would still run every rollout to full length: use --systems jaxzero")
     # One dtype at a time, both systems back to back, so a comparison shares the machine's load.
     dtypes = list(dict.fromkeys(d for s in systems for d in wanted[s]))
-    cfg = model_config()
-    print(f"grpo_step: {PRESET} random weights, {args.prompts} prompts x {args.n} rollouts, "
+    cfg = model_config(args.layers)
+    print(f"grpo_step: {PRESET}-shaped random weights, {cfg.num_hidden_layers} layers, "
+          f"{args.prompts} prompts x {args.n} rollouts, "
           f"prompts <= {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
     results = []
@@ -465,6 +552,9 @@ def main(argv=None) -> None:
                   f")  warm-up {r['warmup']['step']:.1f} s, "
                   + (f"compile ~{r['compile_s']:.1f} s, " if r["compile_s"] is not None else "")
                   + (f"loss forward {ph['loss_forward']:.2f} s, " if "loss_forward" in ph else "")
+                  + (f"padding {ph['padding_flops']:.1%} of the passes' FLOPs, "
+                     f"{ph['real_tokens'] / r['step_s']:.1f} real tokens/s, "
+                     if "padding_flops" in ph else "")
                   + f"setup {r['setup_s']:.0f} s, "
                   f"wall {time.perf_counter() - t0:.0f} s, peak RSS {r['peak_rss_gib']:.1f} GiB; "
                   f"{r['note']}; "
@@ -474,6 +564,8 @@ def main(argv=None) -> None:
     mfu = {}
     for r in results:
         if "matmul_tflops" in r:
+            if args.length_mix is not None:  # the FLOPs the real tokens need, fwd + bwd
+                flops = 3 * r["phases"]["useful_tflop"] * 1e12
             achieved = flops / r["phases"]["update"] / 1e12
             mfu[(r["system"], r["dtype"])] = achieved / r["matmul_tflops"]
             print(f"update MFU {r['system']} {r['dtype']}: {flops / 1e12:.2f} TFLOP in "
@@ -496,6 +588,10 @@ def main(argv=None) -> None:
         "step_seconds": f32,
         "best_step_seconds": {k: round(v["step_s"], 2) for k, v in best.items()},
         "update_mfu": None if update_mfu is None else round(update_mfu, 4),
+        "padding_flop_fraction": {r["system"]: round(r["phases"]["padding_flops"], 4)
+                                  for r in results if "padding_flops" in r["phases"]},
+        "real_tokens_per_s": {r["system"]: round(r["phases"]["real_tokens"] / r["step_s"], 2)
+                              for r in results if "real_tokens" in r["phases"]},
     }))
 
 

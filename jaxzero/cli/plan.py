@@ -58,7 +58,8 @@ def run(args) -> None:
         remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
         rollout_micro_batch=cfg.rollout.micro_batch, decode_layout=cfg.rollout.decode_layout,
         decode_chunk=cfg.rollout.decode_chunk, cache_block=cfg.rollout.cache_block,
-        cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+        cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        micro_batch_tokens=cfg.grpo.micro_batch_tokens)
     report = plan_memory(model_config, inputs, mesh,
                          device_bytes=int(args.device_memory_gib * 2 ** 30))
     print(format_report(cfg.model.path or "demo model", report, inputs,

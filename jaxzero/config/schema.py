@@ -221,8 +221,18 @@ class GRPOConfig(_Section):
     mask_truncated: bool = False   # drop responses cut off at max_new_tokens from the loss
     filter_zero_std_groups: bool = False
     max_refill_batches: int = 3
-    updates_per_step: int = 1      # optimisation passes over each batch
+    # Optimisation passes over each batch. With one, the rollout policy is the policy being
+    # updated, so no pass recomputes its log-probs: the update takes its own, detached.
+    updates_per_step: int = 1
     micro_batches: int = 1         # gradient accumulation; from `jaxzero plan`
+    # The log-prob passes and the update run on each rollout's real tokens, one rollout per
+    # row, rows as wide as the batch's longest rollout rounded up to a multiple of this
+    # (each width compiles once).
+    row_width_multiple: int = 128
+    # Sequence packing (verl's use_dynamic_bsz): whole rollouts packed into rows of this many
+    # tokens, one row per data-parallel shard per micro-batch, as many micro-batches as the
+    # batch needs (this replaces grpo.micro_batches, which must be 1). null: no packing.
+    micro_batch_tokens: int | None = None
     # Response positions whose [rows, positions, vocab] logits are formed at once in the
     # log-prob passes. Large on accelerators (fewer re-reads of the lm_head); a tiny model with
     # a 152k vocab on a CPU runs 2-3x faster with a few positions (see configs/demo.yaml).
@@ -243,7 +253,10 @@ class GRPOConfig(_Section):
         self._at_least(1, "seed_micro_batch_rows", "seed_dp_ranks")
         self._at_least(0, "kl_coef", "max_refill_batches")
         self._at_least(1, "updates_per_step", "micro_batches", "logit_chunk",
-                       "max_consecutive_skips")
+                       "max_consecutive_skips", "row_width_multiple", "micro_batch_tokens")
+        self._require(self.micro_batch_tokens is None or self.micro_batches == 1,
+                      "micro_batches", "must be 1 with grpo.micro_batch_tokens (packing sizes "
+                      "the micro-batches by tokens); set one or the other")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +367,11 @@ class RunConfig:
                     f"grpo.seed_dp_ranks × grpo.seed_micro_batch_rows = {g.seed_dp_ranks} × "
                     f"{g.seed_micro_batch_rows} = {per_rank} must divide data.prompts_per_step"
                     f" × rollout.n = {batch}")
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        if g.micro_batch_tokens is not None and g.micro_batch_tokens < longest:
+            raise ConfigError(
+                f"grpo.micro_batch_tokens={g.micro_batch_tokens}: a packed row must hold the "
+                f"longest rollout, data.max_prompt_length + rollout.max_new_tokens = {longest}")
         # Equal sampler chunks keep one compiled decode loop.
         if self.rollout.micro_batch is not None and batch % self.rollout.micro_batch:
             raise ConfigError(

@@ -64,11 +64,23 @@ class AttentionMask:
 
     query_slot_BT: jax.Array  # int32: the slot (position in this call, or cache slot) of a query
     key_valid_BS: jax.Array   # bool: the slot holds a real token
+    # int32 ids of the sequences packed in a row (cache-free passes only, so S == T): a query
+    # sees only keys of its own segment. None: one sequence a row.
+    segment_BT: jax.Array | None = None
 
     def allowed_BTS(self) -> jax.Array:
         s = self.key_valid_BS.shape[1]
-        return (jnp.arange(s)[None, None, :] <= self.query_slot_BT[:, :, None]) & \
+        allowed_BTS = (jnp.arange(s)[None, None, :] <= self.query_slot_BT[:, :, None]) & \
             self.key_valid_BS[:, None, :]
+        if self.segment_BT is not None:
+            allowed_BTS &= self.segment_BT[:, :, None] == self.segment_BT[:, None, :]
+        return allowed_BTS
+
+    def segment_ids_BS(self) -> jax.Array:
+        """One int32 id a slot, 0 for padding: keys and queries of equal ids see each other
+        (with the causal mask, exactly what `allowed_BTS` allows when T == S)."""
+        real_BS = self.key_valid_BS.astype(jnp.int32)
+        return real_BS if self.segment_BT is None else real_BS * (self.segment_BT + 1)
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask, *,
@@ -87,8 +99,9 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Attent
         return _einsum(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype, sharding)
     if implementation in ("xla", "cudnn"):
         # Causal over slots plus the valid keys: with T == S the query slots are 0..T-1.
-        allowed_B1TS = jnp.broadcast_to(mask.key_valid_BS[:, None, None, :],
-                                        (q_BTNH.shape[0], 1, s, s))
+        ids_BS = mask.segment_ids_BS()
+        allowed_B1TS = ((ids_BS[:, :, None] == ids_BS[:, None, :]) &
+                        mask.key_valid_BS[:, None, :])[:, None]
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH.astype(compute_dtype), k_BSKH.astype(compute_dtype),
             v_BSKH.astype(compute_dtype), mask=allowed_B1TS, is_causal=True,
@@ -119,9 +132,10 @@ SPLASH_BLOCK = 128  # the kernel's query and key block: T must be a multiple of 
 
 def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding, *,
             interpret: bool):
-    """The splash kernel per (row, KV head) as multi-query attention over its Q heads. Left
-    padding is segment 0 and real tokens segment 1, so with the causal mask a real query
-    sees exactly the real keys up to its own slot (a padding query, only padding)."""
+    """The splash kernel per (row, KV head) as multi-query attention over its Q heads. Padding
+    is segment 0 and real tokens their sequence's id + 1 (`segment_ids_BS`), so with the
+    causal mask a real query sees exactly its sequence's real keys up to its own slot (a
+    padding query, only padding)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as masks)
     b, t, n, h = q_BTNH.shape
@@ -138,24 +152,23 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding
         masks.MultiHeadMask([masks.CausalMask((t, t))] * (n // k)), block_sizes=sizes,
         interpret=interpret)
 
-    def rows(q_BTNH, k_BSKH, v_BSKH, valid_BS):
+    def rows(q_BTNH, k_BSKH, v_BSKH, ids_BS):
         cd = compute_dtype
         q_BKQTH = (q_BTNH * (h ** -0.5)).astype(cd).reshape(
             q_BTNH.shape[0], t, k, n // k, h).transpose(0, 2, 3, 1, 4)
         k_BKSH = k_BSKH.astype(cd).transpose(0, 2, 1, 3)
         v_BKSH = v_BSKH.astype(cd).transpose(0, 2, 1, 3)
-        segments_BS = valid_BS.astype(jnp.int32)
         per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
         out_BKQTH = jax.vmap(lambda q, kk, vv, seg: per_head(
-            q, kk, vv, splash.SegmentIds(q=seg, kv=seg)))(q_BKQTH, k_BKSH, v_BKSH, segments_BS)
+            q, kk, vv, splash.SegmentIds(q=seg, kv=seg)))(q_BKQTH, k_BKSH, v_BKSH, ids_BS)
         return out_BKQTH.transpose(0, 3, 1, 2, 4).reshape(q_BTNH.shape).astype(cd)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return rows(q_BTNH, k_BSKH, v_BSKH, mask.key_valid_BS)
+        return rows(q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BS())
     # A Pallas kernel is not partitioned by XLA: each device runs it on its own rows.
     rows_axes = tuple(fit_spec(sharding.rows_B, (b,), mesh)[0]) or (None,)
     spec = lambda ndim: jax.sharding.PartitionSpec(*rows_axes, *[None] * (ndim - 1))
     return jax.shard_map(rows, mesh=mesh, in_specs=(spec(4), spec(4), spec(4), spec(2)),
                          out_specs=spec(4), check_vma=False)(
-        q_BTNH, k_BSKH, v_BSKH, mask.key_valid_BS)
+        q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BS())

@@ -231,21 +231,25 @@ class Qwen2ForCausalLM(nnx.Module):
         return constrain(x_BTD, self.options.sharding.act_BTD)
 
     def hidden_states(self, tokens_BT, valid_BT, positions_BT=None, cache: KVCache | None = None,
-                      read_slots: int | None = None):
+                      read_slots: int | None = None, segments_BT=None):
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
 
-        Without a cache, tokens attend causally to the valid tokens of this call. With one,
-        the T new tokens are written at slots [cache.end, cache.end + T) and attend to every
-        valid slot up to their own; `read_slots` (static) reads only the cache's first slots,
+        Without a cache, tokens attend causally to the valid tokens of this call; with
+        `segments_BT` (int32 ids of the sequences packed in a row), only to those of their
+        own segment, and `positions_BT` should restart at each segment. With a cache, the T
+        new tokens are written at slots [cache.end, cache.end + T) and attend to every valid
+        slot up to their own; `read_slots` (static) reads only the cache's first slots,
         which must hold every slot written so far.
         """
         return self.hidden_states_from_embeddings(self.embed(tokens_BT), valid_BT, positions_BT,
-                                                  cache, read_slots)
+                                                  cache, read_slots, segments_BT)
 
     def hidden_states_from_embeddings(self, x_BTD, valid_BT, positions_BT=None,
                                       cache: KVCache | None = None,
-                                      read_slots: int | None = None):
+                                      read_slots: int | None = None, segments_BT=None):
         """`hidden_states` from input embeddings [B, T, D] instead of token ids."""
+        if segments_BT is not None and cache is not None:
+            raise ValueError("packed segments are for the cache-free (training) pass only")
         if positions_BT is None:
             positions_BT = positions_from_mask(valid_BT)
         shape_BT, shd = valid_BT.shape, self.options.sharding
@@ -259,7 +263,7 @@ class Qwen2ForCausalLM(nnx.Module):
                 cache.valid_BS, valid_BT.astype(jnp.bool_), (0, cache.end))
             cache = cache._replace(valid_BS=key_valid_BS)
             key_valid_BS = key_valid_BS[:, :read_slots]  # attend reads as many slots
-        mask = AttentionMask(query_slot_BT, key_valid_BS)
+        mask = AttentionMask(query_slot_BT, key_valid_BS, segments_BT)
         run = nnx.remat(_run_block, static_argnums=(4,)) if self.options.remat else _run_block
         for layer, block in enumerate(self.layers):
             x_BTD, cache = run(block, x_BTD, positions_BT, mask, layer, cache)

@@ -11,7 +11,8 @@ mean, divides it by the gradient accumulation and averages ranks' gradients, whi
 Exact micro-batching: every loss term and metric is a sum over tokens divided by a
 normaliser of the *whole* batch (`AggNorms`), so summing micro-batch losses, gradients and
 metrics computed with the full batch's `AggNorms` (its per-row field split with the rows)
-gives the full-batch ones, however the batch is cut for memory.
+gives the full-batch ones, however the batch is cut for memory. `token_weights` states each
+mode as one weight per token, so the same holds for tokens laid out in trimmed or packed rows.
 """
 
 from __future__ import annotations
@@ -77,28 +78,40 @@ def aggregation_norms(mask_BR: jax.Array, mode: str, *,
                     groups=jnp.float32(b // rows))
 
 
+def token_weights(mask_BR: jax.Array, mode: str, norm: AggNorms) -> jax.Array:
+    """Per-token weights w_BR with `aggregate(x_BR, mask_BR, mode, norm=norm)` = Σ x·w.
+
+    Every mode is a weighted token sum, so the weights can follow their tokens anywhere: into
+    micro-batches, trimmed rows or packed rows (`jaxzero.rl.layout`), exactly.
+    """
+    _check_mode(mode)
+    m_BR = mask_BR.astype(jnp.float32)
+    if mode == "token-mean":
+        return m_BR / norm.tokens
+    if mode == "seq-mean-token-sum":
+        return m_BR / norm.sequences
+    if mode == "seq-mean-token-mean":
+        # A row's own token count is local to the row; only the row count is global.
+        return m_BR / (jnp.maximum(m_BR.sum(-1, keepdims=True), 1.0) * norm.sequences)
+    if mode == SEED_AGG:
+        # The mean over groups of each group's token mean: a row's share is divided by its
+        # own group's token count.
+        return m_BR / (norm.group_tokens_B[:, None] * norm.groups)
+    return m_BR / norm.cells
+
+
+def weighted_sum(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Σ x·w in float32; tokens of weight 0 contribute 0 (and no gradient), never NaN."""
+    return jnp.sum(jnp.where(w != 0, x.astype(jnp.float32), 0.0) * w)
+
+
 def aggregate(x_BR: jax.Array, mask_BR: jax.Array, mode: str, *,
               norm: AggNorms | None = None) -> jax.Array:
     """Reduces per-token values to a scalar; `norm` (default: this batch's) makes it exact
     under micro-batching. Masked tokens and empty rows contribute 0, never NaN."""
-    _check_mode(mode)
     if norm is None:
         norm = aggregation_norms(mask_BR, mode)
-    m_BR = mask_BR.astype(jnp.float32)
-    x_BR = jnp.where(m_BR > 0, x_BR.astype(jnp.float32), 0.0) * m_BR
-    if mode == "token-mean":
-        return x_BR.sum() / norm.tokens
-    if mode == "seq-mean-token-sum":
-        return x_BR.sum() / norm.sequences
-    if mode == "seq-mean-token-mean":
-        # A row's own token count is local to its micro-batch; only the row count is global.
-        seq_B = x_BR.sum(-1) / jnp.maximum(m_BR.sum(-1), 1.0)
-        return seq_B.sum() / norm.sequences
-    if mode == SEED_AGG:
-        # The mean over groups of each group's token mean: a row's share is divided by its
-        # own group's token count.
-        return (x_BR.sum(-1) / norm.group_tokens_B).sum() / norm.groups
-    return x_BR.sum() / norm.cells
+    return weighted_sum(x_BR, token_weights(mask_BR, mode, norm))
 
 
 # ---- the seed's rows-to-micro-batches -------------------------------------------------------
@@ -208,27 +221,38 @@ def policy_loss(logp_BR: jax.Array, old_logp_BR: jax.Array, adv: jax.Array, mask
     """
     if norm is None:
         norm = aggregation_norms(mask_BR, agg)
-    adv_BR = jnp.asarray(adv, jnp.float32)
-    if adv_BR.ndim == 1:
-        adv_BR = adv_BR[:, None]
-    log_ratio_BR = jnp.clip(logp_BR.astype(jnp.float32) - old_logp_BR.astype(jnp.float32),
+    return weighted_policy_loss(logp_BR, old_logp_BR, adv, token_weights(mask_BR, agg, norm),
+                                token_weights(mask_BR, "token-mean", norm),
+                                clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
+
+
+def weighted_policy_loss(logp_BN: jax.Array, old_logp_BN: jax.Array, adv: jax.Array,
+                         loss_w_BN: jax.Array, mean_w_BN: jax.Array, *, clip_low: float,
+                         clip_high: float, clip_c: float | None,
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`policy_loss` on tokens of any layout: the loss is Σ loss·loss_w, the metrics token
+    means with weights mean_w (`token_weights`); `adv` is per row [B] or per token."""
+    adv_BN = jnp.asarray(adv, jnp.float32)
+    if adv_BN.ndim == logp_BN.ndim - 1:
+        adv_BN = adv_BN[..., None]
+    log_ratio_BN = jnp.clip(logp_BN.astype(jnp.float32) - old_logp_BN.astype(jnp.float32),
                             -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    ratio_BR = jnp.exp(log_ratio_BR)
-    unclipped_BR = -adv_BR * ratio_BR
-    clipped_BR = -adv_BR * jnp.clip(ratio_BR, 1.0 - clip_low, 1.0 + clip_high)
-    loss_BR = jnp.maximum(unclipped_BR, clipped_BR)
-    token_mean = lambda x_BR: aggregate(x_BR, mask_BR, "token-mean", norm=norm)
-    metrics = {"clipfrac": token_mean((clipped_BR > unclipped_BR).astype(jnp.float32)),
-               "approx_kl": token_mean(-log_ratio_BR)}
+    ratio_BN = jnp.exp(log_ratio_BN)
+    unclipped_BN = -adv_BN * ratio_BN
+    clipped_BN = -adv_BN * jnp.clip(ratio_BN, 1.0 - clip_low, 1.0 + clip_high)
+    loss_BN = jnp.maximum(unclipped_BN, clipped_BN)
+    token_mean = lambda x_BN: weighted_sum(x_BN, mean_w_BN)
+    metrics = {"clipfrac": token_mean((clipped_BN > unclipped_BN).astype(jnp.float32)),
+               "approx_kl": token_mean(-log_ratio_BN)}
     if clip_c is None:
         metrics["clipfrac_lower"] = jnp.zeros((), jnp.float32)
     else:
-        cap_BR = -adv_BR * clip_c
-        negative_BR = adv_BR < 0
-        metrics["clipfrac_lower"] = token_mean((negative_BR & (loss_BR > cap_BR))
+        cap_BN = -adv_BN * clip_c
+        negative_BN = adv_BN < 0
+        metrics["clipfrac_lower"] = token_mean((negative_BN & (loss_BN > cap_BN))
                                                .astype(jnp.float32))
-        loss_BR = jnp.where(negative_BR, jnp.minimum(loss_BR, cap_BR), loss_BR)
-    return aggregate(loss_BR, mask_BR, agg, norm=norm), metrics
+        loss_BN = jnp.where(negative_BN, jnp.minimum(loss_BN, cap_BN), loss_BN)
+    return weighted_sum(loss_BN, loss_w_BN), metrics
 
 
 def token_logprobs(logits_BRV: jax.Array, tokens_BR: jax.Array) -> jax.Array:
@@ -297,16 +321,27 @@ def grpo_loss(logp_BR: jax.Array, old_logp_BR: jax.Array, ref_logp_BR: jax.Array
     """
     if norm is None:
         norm = aggregation_norms(mask_BR, config.agg, group_rows=config.group_rows)
-    pg_loss, metrics = policy_loss(logp_BR, old_logp_BR, adv_B, mask_BR,
-                                   clip_low=config.clip_low, clip_high=config.clip_high,
-                                   clip_c=config.clip_c, agg=config.agg, norm=norm)
-    entropy = aggregate(entropy_BR, mask_BR, config.agg, norm=norm)
+    return weighted_grpo_loss(logp_BR, old_logp_BR, ref_logp_BR, adv_B,
+                              token_weights(mask_BR, config.agg, norm),
+                              token_weights(mask_BR, "token-mean", norm),
+                              entropy_BN=entropy_BR, config=config)
+
+
+def weighted_grpo_loss(logp_BN: jax.Array, old_logp_BN: jax.Array, ref_logp_BN: jax.Array | None,
+                       adv: jax.Array, loss_w_BN: jax.Array, mean_w_BN: jax.Array, *,
+                       entropy_BN: jax.Array, config: LossConfig,
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`grpo_loss` on tokens of any layout, with `token_weights` for config.agg (loss_w) and
+    token-mean (mean_w): the loss and metrics are sums over tokens, so any cut sums exactly."""
+    pg_loss, metrics = weighted_policy_loss(logp_BN, old_logp_BN, adv, loss_w_BN, mean_w_BN,
+                                            clip_low=config.clip_low, clip_high=config.clip_high,
+                                            clip_c=config.clip_c)
+    entropy = weighted_sum(entropy_BN, loss_w_BN)
     total = pg_loss - config.entropy_coeff * entropy
     if config.use_kl_loss:
-        if ref_logp_BR is None:
+        if ref_logp_BN is None:
             raise ValueError("use_kl_loss needs ref_logp_BR")
-        kl = aggregate(kl_penalty(logp_BR, ref_logp_BR, config.kl_kind), mask_BR, config.agg,
-                       norm=norm)
+        kl = weighted_sum(kl_penalty(logp_BN, ref_logp_BN, config.kl_kind), loss_w_BN)
         total = total + config.kl_coef * kl
     else:
         kl = jnp.zeros((), jnp.float32)

@@ -31,7 +31,8 @@ from jaxzero.model.sampling import Sampled, SamplingParams
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, batch_sharding,
                                        bytes_per_device, choose_decode_layout, decode_table,
                                        param_shardings)
-from jaxzero.rl.train_step import TrainBatch, build_step_functions, make_optimizer
+from jaxzero.rl.train_step import (RowLoss, Rows, TrainBatch, build_step_functions,
+                                   make_optimizer)
 
 GiB = 1024 ** 3
 
@@ -57,6 +58,15 @@ class PlanInputs:
     cache_dtype: str | None = None
     top_k: int = 0
     top_p: float = 1.0
+    micro_batch_tokens: int | None = None   # packed rows of this many tokens (grpo's)
+
+    def train_rows(self, shards: int) -> tuple[int, int]:
+        """(sequences, tokens) of one row of a micro-batch on one device, at the widest: a
+        padded rollout (trimming only narrows it), or one packed row of the token budget."""
+        if self.micro_batch_tokens is not None:
+            return 1, self.micro_batch_tokens
+        return (math.ceil(self.prompts_per_step * self.n / shards / self.micro_batches),
+                self.prompt_len + self.response_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +83,16 @@ class PlanReport:
     train_temp: int         # XLA memory analysis of the update
     train_peak: int         # arguments + outputs - aliased + temporaries of the update (XLA)
     sampler_temp: int       # XLA memory analysis of the whole decode loop
+    logprob_activations: int  # computed: one micro-batch of a log-prob pass, forward only
+    logprob_temp: int       # XLA memory analysis of a log-prob pass (reference or old)
     total_train_phase: int      # computed: params + optimizer + reference + activations
     total_rollout_phase: int
+    total_logprob_phase: int    # computed: params + optimizer + reference + its activations
     xla_train_phase: int        # XLA's figure for the same phase
 
     @property
     def peak(self) -> int:
-        return max(self.total_train_phase, self.total_rollout_phase)
+        return max(self.total_train_phase, self.total_rollout_phase, self.total_logprob_phase)
 
 
 def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
@@ -93,21 +106,39 @@ def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     logits with its softmax and gradient, and the gradients (twice with micro-batching: the
     accumulator and the current micro-batch's).
     """
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    seqs, length = inputs.train_rows(mesh.shape["data"] * mesh.shape["fsdp"])
+    block, logits = _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk)
+    inputs_kept = config.num_hidden_layers * seqs * length * config.hidden_size * \
+        np.dtype(inputs.compute_dtype).itemsize
+    acts = inputs_kept + (block if inputs.remat else config.num_hidden_layers * block)
+    grads = param_bytes * (2 if inputs.micro_batches > 1 else 1)
+    return int(acts + 3 * logits + grads)
+
+
+def logprob_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                        logit_chunk: int = 128) -> int:
+    """Per-device bytes of a log-prob pass beyond its inputs, counted from shapes: one
+    micro-batch, forward only, so one block's internals (no gradient), the residual stream
+    in and out, one chunk of float32 logits with its softmax, and the [M·B, N] output."""
+    seqs, length = inputs.train_rows(mesh.shape["data"] * mesh.shape["fsdp"])
+    block, logits = _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk)
+    stream = 2 * seqs * length * config.hidden_size * np.dtype(inputs.compute_dtype).itemsize
+    out = inputs.prompts_per_step * inputs.n * inputs.response_len * 4 / \
+        (mesh.shape["data"] * mesh.shape["fsdp"])
+    return int(block * 2 / 3 + stream + 2 * logits + out)
+
+
+def _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk):
+    """Bytes of one block's internals with their gradient (attention scores and
+    probabilities in float32, q/k/v, attention and MLP activations), and of one float32
+    logits chunk, for `seqs` rows of `length` tokens on one device."""
     tp = mesh.shape["tensor"]
-    seqs = math.ceil(inputs.prompts_per_step * inputs.n / dp / inputs.micro_batches)
-    length = inputs.prompt_len + inputs.response_len
     cb = np.dtype(inputs.compute_dtype).itemsize
     d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
     n, k = config.num_attention_heads / tp, config.num_key_value_heads
     scores = seqs * n * length * length * 4 * 3
     internals = seqs * length * (4 * d + (2 * n + 2 * k) * h + 3 * f / tp) * cb
-    block = scores + internals
-    inputs_kept = config.num_hidden_layers * seqs * length * d * cb
-    acts = inputs_kept + (block if inputs.remat else config.num_hidden_layers * block)
-    logits = seqs * logit_chunk * config.vocab_size / tp * 4 * 3
-    grads = param_bytes * (2 if inputs.micro_batches > 1 else 1)
-    return int(acts + logits + grads)
+    return scores + internals, seqs * logit_chunk * config.vocab_size / tp * 4
 
 
 def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
@@ -162,15 +193,30 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     params = abstract_on(abstract, fns.param_shardings)
     opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
     b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
-    r, f32 = inputs.response_len, jnp.float32
-    batch = abstract_on(TrainBatch(
-        tokens_BT=jax.ShapeDtypeStruct((b, t), jnp.int32),
-        valid_BT=jax.ShapeDtypeStruct((b, t), jnp.bool_),
-        response_mask_BR=jax.ShapeDtypeStruct((b, r), f32),
-        advantages_B=jax.ShapeDtypeStruct((b,), f32),
-        old_logp_BR=jax.ShapeDtypeStruct((b, r), f32),
-        ref_logp_BR=jax.ShapeDtypeStruct((b, r), f32)), fns.batch_shardings)
-    stats = fns.update.lower(params, opt, batch).compile().memory_analysis()
+    r, f32, i32 = inputs.response_len, jnp.float32, jnp.int32
+    # The update and a log-prob pass at their widest: the padded batch (a trimmed one is no
+    # wider), or every packed micro-batch the layout may use.
+    if inputs.micro_batch_tokens is None:
+        batch = abstract_on(TrainBatch(
+            tokens_BT=jax.ShapeDtypeStruct((b, t), i32),
+            valid_BT=jax.ShapeDtypeStruct((b, t), jnp.bool_),
+            response_mask_BR=jax.ShapeDtypeStruct((b, r), f32),
+            advantages_B=jax.ShapeDtypeStruct((b,), f32),
+            old_logp_BR=jax.ShapeDtypeStruct((b, r), f32),
+            ref_logp_BR=jax.ShapeDtypeStruct((b, r), f32)), fns.batch_shardings)
+        update = fns.update.lower(params, opt, batch)
+        logprobs = fns.logprobs.lower(params, batch.tokens_BT, batch.valid_BT)
+    else:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        mkw = (math.ceil(b / shards), shards, inputs.micro_batch_tokens)
+        rows = abstract_on(Rows(*[jax.ShapeDtypeStruct(mkw, i32)] * 5,
+                                jax.ShapeDtypeStruct(mkw[:1], i32)), fns.row_shardings)
+        loss = abstract_on(RowLoss(*[jax.ShapeDtypeStruct(mkw, f32)] * 5),
+                           fns.row_loss_shardings)
+        update = fns.row_update.lower(params, opt, rows, loss)
+        logprobs = fns.row_logprobs.lower(params, rows)
+    stats = update.compile().memory_analysis()
+    logprob_temp = int(logprobs.compile().memory_analysis().temp_size_in_bytes)
     train_temp = int(stats.temp_size_in_bytes)
     train_peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                      - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
@@ -183,13 +229,16 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     copy_bytes, kv_bytes, sampler_temp, layout = _rollout(config, inputs, options, mesh,
                                                          device_bytes)
     activations = train_activations(config, inputs, mesh, p_bytes)
+    lp_activations = logprob_activations(config, inputs, mesh)
     return PlanReport(
         devices=mesh.size, mesh=dict(mesh.shape), params=p_bytes, opt_state=o_bytes,
         reference=ref_bytes, decode_copy=copy_bytes, decode_layout=layout, kv_cache=kv_bytes,
         train_activations=activations,
         train_temp=train_temp, train_peak=train_peak, sampler_temp=sampler_temp,
+        logprob_activations=lp_activations, logprob_temp=logprob_temp,
         total_train_phase=p_bytes + o_bytes + ref_bytes + activations,
         total_rollout_phase=p_bytes + o_bytes + ref_bytes + copy_bytes + kv_bytes + sampler_temp,
+        total_logprob_phase=p_bytes + o_bytes + ref_bytes + lp_activations,
         xla_train_phase=train_peak + ref_bytes)
 
 
@@ -200,7 +249,9 @@ def format_report(name: str, report: PlanReport, inputs: PlanInputs,
         f"memory plan for {name}: {report.devices} devices, mesh {report.mesh}",
         f"  batch {inputs.prompts_per_step} prompts x {inputs.n} rollouts, prompt "
         f"{inputs.prompt_len} + response {inputs.response_len} tokens, "
-        f"{inputs.micro_batches} micro-batches, remat {'block' if inputs.remat else 'none'}, "
+        + (f"{inputs.micro_batches} micro-batches" if inputs.micro_batch_tokens is None else
+           f"packed micro-batches of {inputs.micro_batch_tokens} tokens per device")
+        + f", remat {'block' if inputs.remat else 'none'}, "
         f"params {inputs.param_dtype}, compute {inputs.compute_dtype}",
         "  per device                          source",
         f"  parameters              {g(report.params)}   computed from shapes and shardings",
@@ -215,10 +266,14 @@ def format_report(name: str, report: PlanReport, inputs: PlanInputs,
         "(on CPU it ignores remat: an upper bound)",
         f"  decode loop temporaries {g(report.sampler_temp)}   XLA memory analysis of the "
         "compiled decode loop",
+        f"  log-prob activations    {g(report.logprob_activations)}   computed (reference and "
+        "old passes, a micro-batch at a time)",
+        f"  log-prob temporaries    {g(report.logprob_temp)}   XLA memory analysis",
         f"  train phase peak        {g(report.total_train_phase)}   computed",
         f"  train phase, XLA        {g(report.xla_train_phase)}   XLA args+outputs-aliased"
         "+temps, plus reference",
         f"  rollout phase peak      {g(report.total_rollout_phase)}   computed + XLA temps",
+        f"  log-prob phase peak     {g(report.total_logprob_phase)}   computed",
         f"  peak                    {g(report.peak)}",
     ]
     if device_memory_gib:

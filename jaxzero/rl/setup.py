@@ -34,7 +34,7 @@ from jaxzero.model.config import Qwen2Config
 from jaxzero.rl.rollout import RewardWorker
 from jaxzero.rl.task import Task, TaskFactory
 from jaxzero.model.sampler import Sampler, decode_model
-from jaxzero.parallel.sharding import (abstract_on, batch_sharding, choose_decode_layout,
+from jaxzero.parallel.sharding import (abstract_on, choose_decode_layout,
                                        decode_table, device_memory_bytes, make_mesh, put_global)
 from jaxzero.rl.train_step import (StepFunctions, build_step_functions, init_opt_state,
                                    lr_schedule, make_optimizer)
@@ -59,10 +59,6 @@ class Engine:
     def record_index(self) -> dict[str, int]:
         """Training record ids -> positions (processes exchange batches as indices)."""
         return {r["id"]: i for i, r in enumerate(self.task.train_records)}
-
-    def to_rows(self, host: np.ndarray, ndim: int = 2):
-        """A batch-leading host array onto the (data, fsdp) axes."""
-        return put_global(host, batch_sharding(self.mesh, ndim))
 
     def greedy(self, params, prompts):
         return self.sampler.generate(params, prompts, key=jax.random.key(0), n=1,

@@ -1,6 +1,7 @@
 """The jitted pieces of a GRPO step: completion log-probs and the sharded, donated update.
 
-Shapes as in `jaxzero.model.qwen2`: B rows, T = prompt bucket + R response slots.
+Shapes as in `jaxzero.model.qwen2`: B rows, T = prompt bucket + R response slots; laid-out
+rows (`Rows`) add M micro-batches, W tokens per row and N scored slots per row.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxzero.model.qwen2 import positions_from_mask
 from jaxzero.rl import grpo
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, follow_params,
                                        param_shardings, replicated, traced_under, undivided)
@@ -26,8 +28,73 @@ class TrainBatch(NamedTuple):
     valid_BT: jax.Array           # bool, real tokens (prompt padding and post-stop are False)
     response_mask_BR: jax.Array   # float32, response tokens that enter the loss
     advantages_B: jax.Array       # float32
-    old_logp_BR: jax.Array        # float32, log-probs under the rollout policy
-    ref_logp_BR: jax.Array        # float32, log-probs under the frozen reference
+    # float32, log-probs under the rollout policy; None: the policy being updated is the
+    # rollout policy (one update per step), so they are its own, detached, in the update.
+    old_logp_BR: jax.Array | None
+    ref_logp_BR: jax.Array | None  # float32, log-probs under the frozen reference; None: no KL
+
+
+class Rows(NamedTuple):
+    """Rollouts laid out for the model (`jaxzero.rl.layout`): M micro-batches of B rows of W
+    tokens, each row holding one or more whole rollouts (segments), and N scored slots per
+    row, filled from slot 0."""
+
+    tokens_MBW: jax.Array     # int32
+    segments_MBW: jax.Array   # int32: 0 padding, k ≥ 1 the row's k-th rollout
+    positions_MBW: jax.Array  # int32, restarting at 0 at each segment
+    pick_MBN: jax.Array       # int32: the position whose hidden state scores slot n
+    targets_MBN: jax.Array    # int32: the token slot n scores
+    live_M: jax.Array         # int32: slots in use in the fullest row (0: an empty micro-batch)
+
+
+class RowLoss(NamedTuple):
+    """The loss inputs of every scored slot of `Rows`, [M, B, N] float32."""
+
+    advantages_MBN: jax.Array
+    loss_w_MBN: jax.Array     # grpo.token_weights for the loss aggregation (0: not in the loss)
+    mean_w_MBN: jax.Array     # grpo.token_weights for token means (the metrics)
+    old_logp_MBN: jax.Array | None  # None: the current policy's, detached (as TrainBatch)
+    ref_logp_MBN: jax.Array | None
+
+
+def _slot_scores(h_BND, targets_BN, w_VD, *, live, with_entropy: bool, chunk: int,
+                 temperature: float):
+    """Float32 log-probs (and entropies) of `targets_BN` from the hidden states that score
+    them, `chunk` slots at a time under a rematerialised map, so the [B, N, V] float32 logits
+    never exist at once, in the forward or the backward pass. Chunks at or past `live` (a
+    traced count; None: all live) are skipped."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    b, slots = targets_BN.shape
+    chunk = min(chunk, slots)
+    pad = -slots % chunk
+    if pad:
+        h_BND = jnp.pad(h_BND, ((0, 0), (0, pad), (0, 0)))
+        targets_BN = jnp.pad(targets_BN, ((0, 0), (0, pad)))
+    n_chunks = h_BND.shape[1] // chunk
+    h_CBWD = h_BND.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
+    t_CBW = targets_BN.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    def scores(h_BWD, t_BW):
+        logits_BWV = jnp.einsum("BWD,VD->BWV", h_BWD, w_VD, preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits_BWV = logits_BWV / temperature
+        logp_BW = grpo.token_logprobs(logits_BWV, t_BW)
+        ent_BW = grpo.token_entropy(logits_BWV) if with_entropy else jnp.zeros_like(logp_BW)
+        return logp_BW, ent_BW
+
+    @jax.checkpoint
+    def one_chunk(args):
+        c, h_BWD, t_BW = args
+        if live is None:
+            return scores(h_BWD, t_BW)
+        zeros = jnp.zeros(t_BW.shape, jnp.float32)
+        return jax.lax.cond(c * chunk < live, scores, lambda *_: (zeros, zeros), h_BWD, t_BW)
+
+    logp_CBW, ent_CBW = jax.lax.map(one_chunk, (jnp.arange(n_chunks), h_CBWD, t_CBW))
+    logp_BN = logp_CBW.swapaxes(0, 1).reshape(b, -1)[:, :slots]
+    ent_BN = ent_CBW.swapaxes(0, 1).reshape(b, -1)[:, :slots]
+    return logp_BN, ent_BN
 
 
 def completion_logprobs(model, tokens_BT, valid_BT, response_len: int, *,
@@ -36,40 +103,26 @@ def completion_logprobs(model, tokens_BT, valid_BT, response_len: int, *,
     """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes,
     under softmax(logits / temperature): the distribution the rollouts were sampled from, as
     verl's old-log-prob, reference and update passes all divide by the rollout temperature.
-
-    Logits are formed `chunk` response positions at a time under a rematerialised map, so the
-    [B, R, V] float32 logits never exist at once, in the forward or the backward pass.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    Logits are formed `chunk` response positions at a time (`_slot_scores`)."""
     h_BTD, _ = model.hidden_states(tokens_BT, valid_BT)
-    b, length = tokens_BT.shape
-    h_BRD = h_BTD[:, length - response_len - 1: length - 1]
-    targets_BR = tokens_BT[:, length - response_len:]
-    w_VD = model.lm_head_weight().astype(model.options.compute_dtype)
-    chunk = min(chunk, response_len)
-    pad = -response_len % chunk
-    if pad:
-        h_BRD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
-        targets_BR = jnp.pad(targets_BR, ((0, 0), (0, pad)))
-    n_chunks = h_BRD.shape[1] // chunk
-    h_CBWD = h_BRD.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
-    t_CBW = targets_BR.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    length = tokens_BT.shape[1]
+    return _slot_scores(h_BTD[:, length - response_len - 1: length - 1],
+                        tokens_BT[:, length - response_len:],
+                        model.lm_head_weight().astype(model.options.compute_dtype), live=None,
+                        with_entropy=with_entropy, chunk=chunk, temperature=temperature)
 
-    @jax.checkpoint
-    def one_chunk(args):
-        h_BWD, t_BW = args
-        logits_BWV = jnp.einsum("BWD,VD->BWV", h_BWD, w_VD, preferred_element_type=jnp.float32)
-        if temperature != 1.0:
-            logits_BWV = logits_BWV / temperature
-        logp_BW = grpo.token_logprobs(logits_BWV, t_BW)
-        ent_BW = grpo.token_entropy(logits_BWV) if with_entropy else jnp.zeros_like(logp_BW)
-        return logp_BW, ent_BW
 
-    logp_CBW, ent_CBW = jax.lax.map(one_chunk, (h_CBWD, t_CBW))
-    logp_BR = logp_CBW.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
-    ent_BR = ent_CBW.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
-    return logp_BR, ent_BR
+def row_logprobs(model, rows: Rows, *, with_entropy: bool = False, chunk: int = 128,
+                 temperature: float = 1.0):
+    """`completion_logprobs` for one micro-batch of `Rows` (no M axis): float32 [B, N] of its
+    scored slots, each rollout attending only within its own segment."""
+    h_BWD, _ = model.hidden_states(rows.tokens_MBW, rows.segments_MBW > 0, rows.positions_MBW,
+                                   segments_BT=rows.segments_MBW)
+    h_BND = jnp.take_along_axis(h_BWD, rows.pick_MBN[..., None], axis=1)
+    return _slot_scores(h_BND, rows.targets_MBN,
+                        model.lm_head_weight().astype(model.options.compute_dtype),
+                        live=rows.live_M, with_entropy=with_entropy, chunk=chunk,
+                        temperature=temperature)
 
 
 def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
@@ -111,15 +164,56 @@ def _micro_split(x, m: int):
     return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
 
 
+def _micro_join(x_MB):
+    """The inverse of `_micro_split`: [M, B/M, ...] -> [B, ...]."""
+    return x_MB.swapaxes(0, 1).reshape(-1, *x_MB.shape[2:])
+
+
+def padded_rows(tokens_BT, valid_BT, response_len: int, micro_batches: int) -> Rows:
+    """A left-padded batch as `Rows`, as it is: one rollout per row, its last `response_len`
+    positions scored, the rows cut into `micro_batches` strided micro-batches."""
+    b, length = tokens_BT.shape
+    valid_BT = valid_BT.astype(jnp.bool_)
+    rows = Rows(tokens_MBW=tokens_BT, segments_MBW=valid_BT.astype(jnp.int32),
+                positions_MBW=positions_from_mask(valid_BT),
+                pick_MBN=jnp.broadcast_to(jnp.arange(length - response_len - 1, length - 1),
+                                          (b, response_len)),
+                targets_MBN=tokens_BT[:, length - response_len:], live_M=None)
+    rows = jax.tree.map(lambda x: _micro_split(x, micro_batches), rows)
+    return rows._replace(live_M=jnp.full((micro_batches,), response_len, jnp.int32))
+
+
+def padded_loss(batch: TrainBatch, loss_config: grpo.LossConfig, micro_batches: int) -> RowLoss:
+    """The loss inputs of a padded batch as `RowLoss`, weighted by its whole-batch norms."""
+    norm = grpo.aggregation_norms(batch.response_mask_BR, loss_config.agg,
+                                  group_rows=loss_config.group_rows)
+    mask_BR = batch.response_mask_BR
+    loss = RowLoss(
+        advantages_MBN=jnp.broadcast_to(batch.advantages_B[:, None], mask_BR.shape),
+        loss_w_MBN=grpo.token_weights(mask_BR, loss_config.agg, norm),
+        mean_w_MBN=grpo.token_weights(mask_BR, "token-mean", norm),
+        old_logp_MBN=batch.old_logp_BR, ref_logp_MBN=batch.ref_logp_BR)
+    return jax.tree.map(lambda x: _micro_split(x, micro_batches), loss)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
-    """The jitted functions of a run, compiled with explicit shardings over one mesh."""
+    """The jitted functions of a run, compiled with explicit shardings over one mesh.
+
+    The padded pair takes a left-padded batch as it is (`response_len` scored positions,
+    `micro_batches` micro-batches); the row pair takes rollouts laid out by
+    `jaxzero.rl.layout` (trimmed or packed). Both run the same per-micro-batch code.
+    """
 
     logprobs: Callable     # (params, tokens_BT, valid_BT) -> logp_BR
     update: Callable       # (params, opt_state, batch) -> (params, opt_state, metrics)
+    row_logprobs: Callable  # (params, rows) -> logp_MBN
+    row_update: Callable    # (params, opt_state, rows, loss) -> (params, opt_state, metrics)
     param_shardings: object
     opt_shardings: object
     batch_shardings: TrainBatch
+    row_shardings: Rows
+    row_loss_shardings: RowLoss
     # What the table asks to shard but the shapes replicate (`sharding.undivided`), for the
     # start-up log; empty when everything shards as asked.
     replicated: tuple[str, ...]
@@ -130,11 +224,12 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
                          micro_batches: int = 1, logit_chunk: int = 128,
                          temperature: float = 1.0,
                          sharding: ShardingConfig = FSDP_TP) -> StepFunctions:
-    """Jits the log-prob pass and the update with explicit in/out shardings on `mesh`, all
+    """Jits the log-prob passes and the updates with explicit in/out shardings on `mesh`, all
     from the `sharding` table, which must be the one the model's options constrain with.
-    Both trace under the mesh, so the model's activation constraints bind.
+    All trace under the mesh, so the model's activation constraints bind.
 
-    `temperature` is the rollouts': both passes score softmax(logits / temperature).
+    `temperature` is the rollouts': every pass scores softmax(logits / temperature). The
+    log-prob passes run micro-batch by micro-batch, as the update does.
     """
     p_shard = param_shardings(abstract_params, mesh, sharding)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -142,6 +237,9 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
     rows_BT, rows_B = batch_sharding(mesh, 2, sharding), batch_sharding(mesh, 1, sharding)
     batch_shard = TrainBatch(tokens_BT=rows_BT, valid_BT=rows_BT, response_mask_BR=rows_BT,
                              advantages_B=rows_B, old_logp_BR=rows_BT, ref_logp_BR=rows_BT)
+    rows_MBW = NamedSharding(mesh, PartitionSpec(None, *sharding.rows_BT))
+    row_shard = Rows(rows_MBW, rows_MBW, rows_MBW, rows_MBW, rows_MBW, replicated(mesh))
+    loss_shard = RowLoss(*[rows_MBW] * len(RowLoss._fields))
 
     def merge(params):
         model = nnx.merge(graphdef, params)
@@ -150,76 +248,97 @@ def build_step_functions(graphdef, abstract_params, optimizer: optax.GradientTra
                              "functions were built with; pass the same ShardingConfig to both")
         return model
 
-    def logprobs(params, tokens_BT, valid_BT):
-        logp_BR, _ = completion_logprobs(merge(params), tokens_BT, valid_BT, response_len,
-                                         chunk=logit_chunk, temperature=temperature)
-        return logp_BR
+    def logprobs_of_rows(params, rows: Rows):
+        def scored(params, mb: Rows):
+            return row_logprobs(merge(params), mb, chunk=logit_chunk, temperature=temperature)[0]
 
-    def loss_fn(params, mb: TrainBatch, norm):
-        model = merge(params)
-        logp_BR, ent_BR = completion_logprobs(model, mb.tokens_BT, mb.valid_BT, response_len,
-                                              with_entropy=True, chunk=logit_chunk,
-                                              temperature=temperature)
+        def one(mb: Rows):
+            # Operands, not closures: NNX modules do not cross trace levels.
+            return jax.lax.cond(mb.live_M > 0, scored, lambda _, mb: jnp.zeros(
+                mb.targets_MBN.shape, jnp.float32), params, mb)
+
+        return jax.lax.map(one, rows)
+
+    def logprobs(params, tokens_BT, valid_BT):
+        rows = padded_rows(tokens_BT, valid_BT, response_len, micro_batches)
+        return _micro_join(logprobs_of_rows(params, rows))
+
+    def loss_fn(params, rows: Rows, loss: RowLoss):
+        logp_BN, ent_BN = row_logprobs(merge(params), rows, with_entropy=True,
+                                       chunk=logit_chunk, temperature=temperature)
         if loss_config.entropy_coeff == 0.0:
             # Still logged (a collapsing entropy is the first sign of a dying run), but with
             # no bonus it needs no gradient: the backward pass skips it.
-            ent_BR = jax.lax.stop_gradient(ent_BR)
-        return grpo.grpo_loss(logp_BR, mb.old_logp_BR, mb.ref_logp_BR, mb.advantages_B,
-                              mb.response_mask_BR, entropy_BR=ent_BR, config=loss_config,
-                              norm=norm)
+            ent_BN = jax.lax.stop_gradient(ent_BN)
+        # One update per step: the rollout policy is the one being updated, so its
+        # log-probs are these, detached (the ratio is exactly 1), with no pass of their own.
+        old_BN = jax.lax.stop_gradient(logp_BN) if loss.old_logp_MBN is None \
+            else loss.old_logp_MBN
+        return grpo.weighted_grpo_loss(logp_BN, old_BN, loss.ref_logp_MBN, loss.advantages_MBN,
+                                       loss.loss_w_MBN, loss.mean_w_MBN, entropy_BN=ent_BN,
+                                       config=loss_config)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def update(params, opt_state, batch: TrainBatch):
-        # Normalisers come from the whole batch, so micro-batch losses and gradients sum
-        # exactly to the full-batch ones.
-        norm = grpo.aggregation_norms(batch.response_mask_BR, loss_config.agg,
-                                      group_rows=loss_config.group_rows)
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, norm)
+    def update_rows(params, opt_state, rows: Rows, loss: RowLoss):
+        # The weights come from the whole batch, so micro-batch losses, gradients and
+        # metrics sum exactly to the full-batch ones, however the rows were cut.
+        micro = (rows, loss)
+        if rows.tokens_MBW.shape[0] == 1:
+            (loss_value, metrics), grads = grad_fn(params, *jax.tree.map(lambda x: x[0], micro))
         else:
-            # The per-row normaliser travels with its rows, so any cut of the batch sums to
-            # the whole batch's loss, the seed's micro-batch token means included.
-            micro = jax.tree.map(lambda x: _micro_split(x, micro_batches),
-                                 (batch, norm.group_tokens_B))
             zeros = jax.tree.map(jnp.zeros_like, params)
-            with_rows = lambda rows_B: dataclasses.replace(norm, group_tokens_B=rows_B)
-            (_, metrics_shape), _ = jax.eval_shape(
-                grad_fn, params, jax.tree.map(lambda x: x[0], micro[0]),
-                with_rows(micro[1][0]))
+            (_, metrics_shape), _ = jax.eval_shape(grad_fn, params,
+                                                   *jax.tree.map(lambda x: x[0], micro))
 
-            def accumulate(carry, mb_rows):
+            def add(carry, params, mb):
                 grads_acc, loss_acc, metrics_acc = carry
-                mb, rows_B = mb_rows
-                (loss, metrics), grads = grad_fn(params, mb, with_rows(rows_B))
-                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
-                        jax.tree.map(jnp.add, metrics_acc, metrics)), None
+                (value, metrics), grads = grad_fn(params, *mb)
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + value,
+                        jax.tree.map(jnp.add, metrics_acc, metrics))
+
+            def accumulate(carry, mb):
+                # An empty micro-batch (packed layouts pad their count) costs nothing.
+                return jax.lax.cond(mb[0].live_M > 0, add, lambda c, *_: c, carry, params,
+                                    mb), None
 
             init = (zeros, jnp.zeros((), jnp.float32),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
-            (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, micro)
+            (grads, loss_value, metrics), _ = jax.lax.scan(accumulate, init, micro)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient leaves parameters and optimizer state untouched.
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+        metrics = dict(metrics, loss=loss_value, grad_norm=grad_norm,
                        skipped=(~finite).astype(jnp.float32))
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
+    def update(params, opt_state, batch: TrainBatch):
+        return update_rows(params, opt_state,
+                           padded_rows(batch.tokens_BT, batch.valid_BT, response_len,
+                                       micro_batches),
+                           padded_loss(batch, loss_config, micro_batches))
+
     # params and opt_state are donated: the update writes the new ones into the same buffers,
     # so a step never holds two copies of the model and its Adam moments. in_shardings follow
-    # the (params, opt_state, batch) arguments; there are no static ones to shift them.
-    update_jit = jax.jit(traced_under(mesh, update),
-                         in_shardings=(p_shard, o_shard, batch_shard),
-                         out_shardings=(p_shard, o_shard, replicated(mesh)),
-                         donate_argnames=("params", "opt_state"))
+    # the arguments; there are no static ones to shift them.
+    out = (p_shard, o_shard, replicated(mesh))
+    donate = ("params", "opt_state")
+    update_jit = jax.jit(traced_under(mesh, update), in_shardings=(p_shard, o_shard, batch_shard),
+                         out_shardings=out, donate_argnames=donate)
+    row_update_jit = jax.jit(traced_under(mesh, update_rows),
+                             in_shardings=(p_shard, o_shard, row_shard, loss_shard),
+                             out_shardings=out, donate_argnames=donate)
     logprobs_jit = jax.jit(traced_under(mesh, logprobs),
                            in_shardings=(p_shard, rows_BT, rows_BT), out_shardings=rows_BT)
+    row_logprobs_jit = jax.jit(traced_under(mesh, logprobs_of_rows),
+                               in_shardings=(p_shard, row_shard), out_shardings=rows_MBW)
     return StepFunctions(
-        logprobs=logprobs_jit, update=update_jit, param_shardings=p_shard, opt_shardings=o_shard,
-        batch_shardings=batch_shard,
+        logprobs=logprobs_jit, update=update_jit, row_logprobs=row_logprobs_jit,
+        row_update=row_update_jit, param_shardings=p_shard, opt_shardings=o_shard,
+        batch_shardings=batch_shard, row_shardings=row_shard, row_loss_shardings=loss_shard,
         replicated=tuple(undivided(abstract_params, mesh, sharding, opt_state=abstract_opt)))
 
 

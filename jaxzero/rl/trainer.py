@@ -20,16 +20,16 @@ import numpy as np
 from jaxzero.errors import JaxzeroError
 from jaxzero.monitor.writer import Console, samples_markdown
 from jaxzero.parallel import distributed
-from jaxzero.parallel.sharding import to_host
-from jaxzero.rl import grpo
+from jaxzero.parallel.sharding import put_global, to_host
+from jaxzero.rl import grpo, layout
 from jaxzero.rl.rollout import (Candidates, HostBatch, all_groups, assemble_batch,
                                 group_spread, rollout_metrics, select_groups, sequences,
                                 training_samples)
-from jaxzero.rl.setup import (Engine, RunFiles, TrainState, close_run, save_checkpoint,
-                              setup_run)
+from jaxzero.rl.setup import (Engine, RunFiles, TrainState, close_run, loss_config,
+                              save_checkpoint, setup_run)
 from jaxzero.rl.stop import StopRequested, StopSignal, save_on_stop
 from jaxzero.rl.task import Record, Sample, TaskFactory
-from jaxzero.rl.train_step import TrainBatch
+from jaxzero.rl.train_step import RowLoss, Rows
 
 
 # ---------------------------------------------------------------------------- one step
@@ -96,26 +96,49 @@ def score(engine: Engine, rollouts: Rollouts) -> tuple[Any, Future]:
     return host, engine.reward_worker.submit(host.tokens, host.lengths, targets)
 
 
-def on_devices(engine: Engine, tokens_BT: np.ndarray, valid_BT: np.ndarray):
-    return engine.to_rows(tokens_BT), engine.to_rows(valid_BT)
+def lay_out(engine: Engine, tokens_BT: np.ndarray, valid_BT: np.ndarray
+            ) -> tuple[layout.Layout, Rows]:
+    """Where the batch's rollouts go in the rows the log-prob passes and the update run on
+    (trimmed to the longest, or packed to grpo.micro_batch_tokens), and those rows on the
+    devices. Needs only the tokens."""
+    g, response_slots = engine.cfg.grpo, engine.cfg.rollout.max_new_tokens
+    shards = engine.mesh.shape["data"] * engine.mesh.shape["fsdp"]
+    if g.micro_batch_tokens is None:
+        lay = layout.trimmed(valid_BT, response_slots, micro_batches=g.micro_batches,
+                             width_multiple=g.row_width_multiple, rows_multiple=shards)
+    else:
+        # As many micro-batches as one rollout a row needs: the count that fits any batch,
+        # so one shape serves every step.
+        lay = layout.packed(valid_BT, response_slots, width=g.micro_batch_tokens, rows=shards,
+                            micro_batches=-(-valid_BT.shape[0] // shards))
+    return lay, put_global(lay.rows_of(tokens_BT), engine.fns.row_shardings)
 
 
-def logprob_passes(engine: Engine, state: TrainState, tokens_BT, valid_BT,
+def logprob_passes(engine: Engine, state: TrainState, lay: layout.Layout, rows: Rows,
                    sampler_logp_BR: np.ndarray, console: Console | None = None):
-    """Dispatches the old-policy and reference log-prob passes; device arrays [B, R]. Neither
-    depends on the rewards."""
-    _note(console, ("logprobs", tokens_BT.shape), state,
-          f"log-prob passes (compiling for {tokens_BT.shape[1]} positions…)")
+    """Dispatches the old-policy and reference log-prob passes over `rows`; device arrays
+    [M, K, N] of the layout's slots, or None: no KL loss (reference), or one update per step
+    (old: the update takes the current policy's own, detached). Neither depends on the
+    rewards."""
+    _note(console, ("logprobs", rows.tokens_MBW.shape), state,
+          f"log-prob passes (compiling for rows of {rows.tokens_MBW.shape[-1]} tokens…)")
     cfg = engine.cfg
-    if cfg.grpo.use_kl_loss:
-        ref = engine.fns.logprobs(engine.ref_params, tokens_BT, valid_BT)
-    else:
-        ref = engine.to_rows(np.zeros(sampler_logp_BR.shape, np.float32))
+    ref = engine.fns.row_logprobs(engine.ref_params, rows) if cfg.grpo.use_kl_loss else None
     if cfg.rollout.use_sampler_logprobs:
-        old = engine.to_rows(sampler_logp_BR)
+        old = put_global(lay.scatter(sampler_logp_BR), engine.fns.row_loss_shardings.old_logp_MBN)
+    elif cfg.grpo.updates_per_step == 1:
+        old = None
     else:
-        old = engine.fns.logprobs(state.params, tokens_BT, valid_BT)
+        old = engine.fns.row_logprobs(state.params, rows)
     return old, ref
+
+
+def row_loss(engine: Engine, lay: layout.Layout, batch: HostBatch, old, ref) -> RowLoss:
+    """The update's loss inputs on the devices: the batch's advantages and weights in the
+    layout's slots, with the log-prob passes' results."""
+    host = lay.loss_of(batch.response_mask_BR, batch.advantages_B, loss_config(engine.cfg.grpo))
+    shard = engine.fns.row_loss_shardings
+    return RowLoss(*(put_global(x, s) for x, s in zip(host[:3], shard[:3])), old, ref)
 
 
 def train_order(engine: Engine, valid_BT: np.ndarray) -> np.ndarray | None:
@@ -152,14 +175,14 @@ def assemble(engine: Engine, candidates, groups) -> HostBatch:
                           mask_truncated=g.mask_truncated)
 
 
-def update(engine: Engine, state: TrainState, batch: TrainBatch,
+def update(engine: Engine, state: TrainState, rows: Rows, loss: RowLoss,
            console: Console | None = None):
     """grpo.updates_per_step optimiser passes (dispatched); metrics stay on the devices."""
-    _note(console, ("update", batch.tokens_BT.shape), state,
-          f"update (compiling the train step for {batch.tokens_BT.shape[1]} positions…)")
+    _note(console, ("update", rows.tokens_MBW.shape), state,
+          f"update (compiling the train step for rows of {rows.tokens_MBW.shape[-1]} tokens…)")
     params, opt_state, metrics = state.params, state.opt_state, []
     for _ in range(engine.cfg.grpo.updates_per_step):
-        params, opt_state, m = engine.fns.update(params, opt_state, batch)
+        params, opt_state, m = engine.fns.row_update(params, opt_state, rows, loss)
         metrics.append(m)
     return params, opt_state, metrics
 
@@ -191,9 +214,8 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
                                                           timings, console)
         batch = assemble(engine, candidates, groups)
         rows = batch.take(train_order(engine, batch.valid_BT))
-        tokens_BT, valid_BT = on_devices(engine, rows.tokens_BT, rows.valid_BT)
-        old, ref = logprob_passes(engine, state, tokens_BT, valid_BT, rows.sampler_logp_BR,
-                                  console)
+        lay, model_rows = lay_out(engine, rows.tokens_BT, rows.valid_BT)
+        old, ref = logprob_passes(engine, state, lay, model_rows, rows.sampler_logp_BR, console)
         analysis = engine.task.analyze(batch.texts)  # of the rows kept, from any batch
     else:
         groups = all_groups([host], n)
@@ -202,8 +224,8 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
         logp_BR = host.logprobs
         if order is not None:
             tokens_BT, valid_BT, logp_BR = tokens_BT[order], valid_BT[order], logp_BR[order]
-        tokens_BT, valid_BT = on_devices(engine, tokens_BT, valid_BT)
-        old, ref = logprob_passes(engine, state, tokens_BT, valid_BT, logp_BR, console)
+        lay, model_rows = lay_out(engine, tokens_BT, valid_BT)
+        old, ref = logprob_passes(engine, state, lay, model_rows, logp_BR, console)
         candidates = [Candidates(host, first.records, _waited(pending, timings))]
         batch = assemble(engine, candidates, groups)
         rows = batch.take(order)
@@ -212,9 +234,8 @@ def train_on(engine: Engine, state: TrainState, first: Rollouts,
         refills = 0
     # `rows` is what the update sees (maybe reordered); `batch` keeps the groups contiguous
     # for the metrics and samples.
-    train_batch = TrainBatch(tokens_BT, valid_BT, engine.to_rows(rows.response_mask_BR),
-                             engine.to_rows(rows.advantages_B, ndim=1), old, ref)
-    params, opt_state, device_metrics = update(engine, state, train_batch, console)
+    params, opt_state, device_metrics = update(engine, state, model_rows,
+                                               row_loss(engine, lay, rows, old, ref), console)
 
     host_metrics = rollout_metrics(batch, n, analysis, engine.task.correct_score)
     host_metrics.update({

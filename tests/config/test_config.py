@@ -177,6 +177,9 @@ def test_bad_choice(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("grpo.micro_batches=3", "grpo.micro_batches=3 must divide data.prompts_per_step × rollout.n"),
     ("rollout.micro_batch=48", "rollout.micro_batch=48 must divide"),
+    ("grpo.micro_batch_tokens=1000", "grpo.micro_batch_tokens=1000: a packed row must hold the "
+     "longest rollout, data.max_prompt_length + rollout.max_new_tokens = 2048"),
+    ("grpo.row_width_multiple=0", "grpo.row_width_multiple=0: must be at least 1"),
     ("rollout.temperature=-0.1", "rollout.temperature=-0.1"),
     ("rollout.temperature=0", "rollout.temperature=0.0: GRPO trains on sampled rollouts: "
      "greedy decoding (0) gives every response of a group the same reward"),
@@ -224,6 +227,9 @@ def test_direct_construction_is_validated():
     assert DataConfig(prompt_buckets=[1024]).prompt_buckets == (1024,)
     with pytest.raises(ConfigError, match="grpo.micro_batches=5 must divide"):
         RunConfig(model=ModelConfig(demo=True), grpo=GRPOConfig(micro_batches=5))
+    with pytest.raises(ConfigError, match="grpo.micro_batches=2: must be 1 with "
+                                          "grpo.micro_batch_tokens"):
+        GRPOConfig(micro_batches=2, micro_batch_tokens=4096)
 
 
 def _resolve(mesh: MeshConfig, devices: int = 8):

@@ -34,6 +34,25 @@ def test_fused_attention_equals_the_einsum_on_valid_rows(implementation):
     np.testing.assert_allclose(got[valid], want[valid], atol=2e-6)
     assert np.isfinite(got).all()  # padding queries too: their NaNs would reach real rows
 
+@pytest.mark.parametrize("implementation", ["xla", "splash_interpret"])
+def test_fused_attention_keeps_packed_segments_apart(implementation):
+    """Right-padded packed rows (sequence ids 0, 1, 2, ... then padding): every real query
+    sees only its own sequence's keys, as the einsum's block-diagonal causal mask has it."""
+    q, k, v, _ = _inputs()
+    ends = np.array([[40, 90, 120], [128, 128, 128], [10, 11, 70]])  # cumulative segment ends
+    slot = np.arange(T)
+    segment_BT = (slot[None, :, None] >= ends[:, None, :]).sum(-1)
+    valid_BT = slot[None] < ends[:, -1:]
+    mask = AttentionMask(jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.asarray(valid_BT),
+                         jnp.asarray(segment_BT, jnp.int32))
+    run = lambda impl: np.asarray(jax.jit(lambda *a: attend(
+        *a, compute_dtype=jnp.float32, sharding=FSDP_TP, implementation=impl))(q, k, v, mask))
+    want, got = run("einsum"), run(implementation)
+    np.testing.assert_allclose(got[valid_BT], want[valid_BT], atol=2e-6)
+    # The second segment's first query sees only itself: its output is its own value.
+    np.testing.assert_allclose(want[0, 40], np.repeat(np.asarray(v)[0, 40], N // K, axis=0),
+                               atol=1e-6)
+
 CONFIG = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
                      tie_word_embeddings=False)
