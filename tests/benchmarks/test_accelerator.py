@@ -19,8 +19,8 @@ def test_the_accelerator_benchmark_reports_every_figure(capsys):
     for key in ("rollout_tokens_per_s", "decode_roofline", "update_tflops", "update_mfu",
                 "plan_peak_gib", "decode_streamed_gib"):
         assert math.isfinite(jz[key]) and jz[key] > 0, key
-    # The copy (tiny, bf16) is streamed once per decode step: at least 8 steps of it.
-    assert jz["decode_streamed_gib"] * 2 ** 30 >= 8 * accelerator.model_config(
+    # The copy (tiny, bf16) is streamed once per decode step: 7 steps after the first token.
+    assert jz["decode_streamed_gib"] * 2 ** 30 >= 7 * accelerator.model_config(
         accelerator.parse_args(["--small"])).num_params() * 2
     assert jz["peak_memory_gib"] is None and jz["plan_vs_peak"] is None  # CPUs report none
     assert jz["decode_layout"] == "replicated"

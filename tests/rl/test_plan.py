@@ -10,7 +10,7 @@ from jaxzero.parallel.sharding import make_mesh
 from jaxzero.rl.plan import PlanInputs, format_report, logprob_activations, plan_memory
 
 
-@pytest.mark.parametrize("layout", ["replicated", "tensor"])
+@pytest.mark.parametrize("layout", ["replicated", pytest.param("tensor", marks=pytest.mark.slow)])
 def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
     """B = 8 rows, S = 8 + 4 slots (the first token, then one chunk of 3), bfloat16 compute.
     Replicated: the whole copy per device, rows over all 8 devices, K = 2 heads whole.
