@@ -110,9 +110,9 @@ def test_dapo_refills_from_other_prompt_buckets_through_the_loop(tmp_path, monke
     widths = []
     update = trainer.update
 
-    def update_spy(engine, state, batch, console=None):
-        widths.append(batch.tokens_BT.shape)
-        return update(engine, state, batch, console)
+    def update_spy(engine, state, rows, loss, console=None):
+        widths.append(rows.tokens_MBW.shape)
+        return update(engine, state, rows, loss, console)
 
     monkeypatch.setattr(trainer, "update", update_spy)
     try:
@@ -120,8 +120,10 @@ def test_dapo_refills_from_other_prompt_buckets_through_the_loop(tmp_path, monke
     finally:
         setup.close_run(engine, files)
     assert state.step == 2
-    # Step 1 began with a bucket-4 batch and was refilled from a bucket-8 one.
-    assert widths[0] == (64, 8 + 3), widths
+    # Step 1 began with a bucket-4 batch and was refilled from a bucket-8 one: its 64 rows are
+    # as wide as the widest bucket's (8 + 3; trimming rounds up to grpo.row_width_multiple,
+    # at most that).
+    assert widths[0] == (1, 64, 8 + 3), widths
 
 
 def test_the_update_sees_the_rows_in_the_seeds_order(tmp_path, monkeypatch):
@@ -133,16 +135,23 @@ def test_the_update_sees_the_rows_in_the_seeds_order(tmp_path, monkeypatch):
     assemble, update = trainer.assemble, trainer.update
     monkeypatch.setattr(trainer, "assemble",
                         lambda *a: seen.setdefault("batch", assemble(*a)))
-    monkeypatch.setattr(trainer, "update", lambda engine, state, batch, console=None:
-                        seen.setdefault("train", batch) and update(engine, state, batch, console))
+    monkeypatch.setattr(trainer, "update", lambda engine, state, rows, loss, console=None:
+                        seen.setdefault("train", (rows, loss))
+                        and update(engine, state, rows, loss, console))
     try:
         trainer.run_loop(engine, files, state, Console(lambda *_: None))
     finally:
         setup.close_run(engine, files)
-    host, train = seen["batch"], jax.device_get(seen["train"])
+    host, (rows, loss) = seen["batch"], jax.device_get(seen["train"])
     order = grpo.seed_row_order(host.valid_BT.sum(-1), 2)
     assert sorted(order) == list(range(64)) and list(order) != list(range(64))
-    np.testing.assert_array_equal(train.tokens_BT, host.tokens_BT[order])
-    np.testing.assert_array_equal(train.valid_BT, host.valid_BT[order])
-    np.testing.assert_array_equal(train.advantages_B, host.advantages_B[order])
-    np.testing.assert_array_equal(train.old_logp_BR, host.sampler_logp_BR[order])
+    # One micro-batch of trimmed rows: row b holds the b-th rollout of the seed's order.
+    prompt = host.tokens_BT.shape[1] - host.sampler_logp_BR.shape[1]
+    for b, i in enumerate(order):
+        real, length = host.tokens_BT[i][host.valid_BT[i]], int(host.lengths_B[i])
+        np.testing.assert_array_equal(rows.tokens_MBW[0, b, :real.size], real)
+        np.testing.assert_array_equal(rows.targets_MBN[0, b, :length],
+                                      host.tokens_BT[i, prompt:prompt + length])
+        np.testing.assert_array_equal(loss.advantages_MBN[0, b, :length], host.advantages_B[i])
+        np.testing.assert_array_equal(loss.old_logp_MBN[0, b, :length],
+                                      host.sampler_logp_BR[i, :length])
