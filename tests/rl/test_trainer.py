@@ -143,6 +143,7 @@ def test_demo_cli_on_one_device_matches_eight_and_exports(full_run, tmp_path, tm
     assert model.config.num_hidden_layers == 1
 
 
+@pytest.mark.slow  # about 2 min; tests/rl/test_stop.py and the 2-process SIGTERM test cover it
 def test_preemption_saves_and_resumes(tmp_path):
     proc = _cli(tmp_path, "trainer.max_steps=200", "trainer.save_every=100",
                 "trainer.eval_every=0")
