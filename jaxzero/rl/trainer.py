@@ -304,9 +304,9 @@ def _panel(samples) -> str:
 class _Clock:
     """Elapsed time and an ETA from the mean step time (the first, compiling, left out)."""
 
-    def __init__(self, start_step: int, total: int):
+    def __init__(self, total: int):
         self.t0 = time.perf_counter()
-        self.start_step, self.total = start_step, total
+        self.total = total
         self.periods: list[float] = []
 
     def eta(self, step: int) -> float | None:
@@ -323,7 +323,7 @@ def run_loop(engine: Engine, files: RunFiles, state: TrainState, console: Consol
     stop = stop if stop is not None else StopSignal()  # not entered: never signalled
     stopping = False
     total = files.total_steps
-    clock = _Clock(state.step, total)
+    clock = _Clock(total)
     last: dict[str, float] = {}
     skips = 0
 
