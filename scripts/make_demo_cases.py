@@ -1,4 +1,4 @@
-"""Writes the demo's packaged cases: 96 invented RareArena RDC records over 8 rare diseases.
+"""Writes the demo's packaged cases: 240 invented RareArena RDC records over 10 rare diseases.
 
 Each case pairs shared, uninformative findings (fatigue, a raised CRP, ...) with two findings
 that only its disease has: a sign in the report, and in the test results its hallmark
@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 SEED = 17
-CASES_PER_DISEASE = 12
+CASES_PER_DISEASE = 24
 OUT = Path(__file__).resolve().parents[1] / "jaxzero" / "diagnosis" / "demo_data" / "cases.jsonl"
 
 # Orphanet name and number; how a case report may word the diagnosis; signs on examination
@@ -92,6 +92,22 @@ DISEASES = (
      ("Serum c-ANCA was positive with PR3 antibodies",
       "PR3-ANCA was strongly positive",
       "A positive c-ANCA came with red cell casts in the urine")),
+    ("Marfan syndrome", 558,
+     ("Marfan syndrome", "Neonatal Marfan syndrome", "Marfan syndrome with aortic dilatation"),
+     ("long thin fingers and an arm span greater than the height",
+      "lenses displaced upwards in both eyes",
+      "a sunken breastbone and very flexible joints"),
+     ("Testing found a pathogenic variant in the fibrillin-1 gene",
+      "Fibrillin-1 sequencing found a frameshift variant",
+      "A fibrillin-1 variant came with a widened aortic root on echocardiography")),
+    ("Paroxysmal nocturnal hemoglobinuria", 447,
+     ("Paroxysmal nocturnal hemoglobinuria", "Classic paroxysmal nocturnal hemoglobinuria"),
+     ("dark red urine on waking that cleared by the afternoon",
+      "a clot in the hepatic veins with a swollen abdomen",
+      "pallor with painful swallowing during bouts of dark urine"),
+     ("Flow cytometry showed red cells lacking CD59",
+      "CD59-deficient granulocytes were found on flow cytometry",
+      "LDH was high and flow cytometry showed a CD59-negative clone")),
 )
 
 # Findings any of the diseases may come with: they say nothing about which one it is.

@@ -318,18 +318,19 @@ class TrainerConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class DemoConfig(_Section):
     section: ClassVar[str] = "demo"
-    warmup_steps: int = 0     # supervised answer-format warm-up of the demo model; 0 when real
+    warmup_steps: int = 0     # supervised warm-up of the demo model; 0 when real
     warmup_lr: float = 1e-2
     warmup_batch: int = 16    # sequences per warm-up step
-    warmup_correct_fraction: float = 0.5  # warm-up answers that are the case's own disease
+    # Diseases the warm-up answers rightly (what a pretrained model would already know); GRPO
+    # trains and evaluates on the others, whose warm-up answers are drawn at random.
+    familiar_diseases: tuple[str, ...] = ()
 
     def _validate(self) -> None:
         self._at_least(0, "warmup_steps")
         self._positive("warmup_lr")
         self._at_least(1, "warmup_batch")
-        if not 0.0 <= self.warmup_correct_fraction <= 1.0:
-            raise ConfigError(f"demo.warmup_correct_fraction={self.warmup_correct_fraction}: "
-                              "must be in [0, 1]")
+        self._require(len(set(self.familiar_diseases)) == len(self.familiar_diseases),
+                      "familiar_diseases", "must name each disease once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +385,7 @@ class RunConfig:
             raise ConfigError(f"data.test_file={self.data.test_file!r}: must be null when "
                               "data.train_file is null (the demo prepares both)")
         if self.demo.warmup_steps and not self.model.demo:
-            raise ConfigError(f"demo.warmup_steps={self.demo.warmup_steps}: the format warm-up "
+            raise ConfigError(f"demo.warmup_steps={self.demo.warmup_steps}: the warm-up "
                               "is for the demo model only; set it to 0 or model.demo: true")
 
 

@@ -1,14 +1,24 @@
-"""The built-in demo's devices: a tiny Qwen2 model made on the fly and a format warm-up.
+"""The built-in demo's devices: a tiny Qwen2 model made on the fly, its data split, and a
+supervised warm-up that stands in for pretraining.
 
-A random tiny model never writes `<answer>` by chance, so the demo first teaches it the
-output format by a short supervised warm-up. Its answers are the case's own Orphanet name
-only `correct_fraction` of the time and a random one of the demo's diagnoses otherwise; the
-demo config sets the fraction to 0, so the warm-up teaches the format and the set of names but
-nothing about which case has which, and whatever accuracy the policy gains during GRPO is the
-reward's doing. Real runs (the shipped Qwen2.5 configs) have no warm-up.
+A random tiny model can neither write `<answer>` nor read a case, so before GRPO a short
+supervised warm-up teaches it both, on the training cases of every disease:
+- the *familiar* diseases' cases get their own diagnosis, so the model learns to read a
+  case's findings, as a pretrained model already can;
+- every other disease's cases get a name drawn at random from the unfamiliar ones, so the
+  model learns the format and those names, but never which case has which.
+
+GRPO then trains and is evaluated on the unfamiliar diseases only (`demo_splits`): their
+held-out accuracy starts at chance, and whatever it gains is the reward's doing. Real runs
+(the shipped Qwen2.5 configs) have no warm-up.
 """
 
 from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import jax
@@ -16,23 +26,62 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxzero.errors import ConfigError
 from jaxzero.io import identity
 from jaxzero.parallel.sharding import batch_sharding
 from jaxzero.rl.train_step import completion_logprobs
 
 WARMUP_THINK = "The findings point to one rare disease."
+SPLITS = ("train", "test", "warmup")
 
 
 def warmup_target(diagnosis: str) -> str:
     return f"<think>\n{WARMUP_THINK}\n</think>\n<answer> {diagnosis} </answer>"
 
 
-def warmup_answers(own: list[str], diagnoses: list[str], correct_fraction: float,
+def disease(record: dict) -> str:
+    """A prepared record's disease: its Orphanet name (the last label)."""
+    return record["labels"][-1]
+
+
+def check_familiar(familiar: Sequence[str], diseases: Sequence[str]) -> None:
+    """Every familiar disease is one of the cases', and at least two are left for GRPO."""
+    for name in familiar:
+        if name not in diseases:
+            close = difflib.get_close_matches(name, diseases, n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"demo.familiar_diseases: {name!r} is not one of the demo's "
+                              f"diseases ({', '.join(diseases)}){hint}")
+    if len(set(diseases) - set(familiar)) < 2:
+        raise ConfigError(f"demo.familiar_diseases names {len(familiar)} of the "
+                          f"{len(diseases)} diseases: leave at least two for GRPO to learn")
+
+
+def demo_splits(prepared_dir: Path, out_dir: Path, familiar: Sequence[str]) -> dict[str, int]:
+    """From a prepared train/test split of the demo cases, writes out_dir/train.jsonl and
+    test.jsonl (the unfamiliar diseases' cases: what GRPO trains on and is evaluated on) and
+    warmup.jsonl (every training case, familiar or not); returns the count of each."""
+    read = lambda name: [json.loads(line) for line in
+                         (prepared_dir / f"{name}.jsonl").read_text("utf-8").splitlines()]
+    train, test = read("train"), read("test")
+    check_familiar(familiar, sorted({disease(r) for r in train + test}))
+    splits = {"train": [r for r in train if disease(r) not in familiar],
+              "test": [r for r in test if disease(r) not in familiar],
+              "warmup": train}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, records in splits.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        tmp = out_dir / f".{name}.jsonl.tmp"
+        tmp.write_text(text, "utf-8")
+        tmp.replace(out_dir / f"{name}.jsonl")
+    return {name: len(records) for name, records in splits.items()}
+
+
+def warmup_answers(own: list[str], familiar: Sequence[str], unfamiliar: Sequence[str],
                    rng: np.random.Generator) -> list[str]:
-    """The warm-up's answer for each case: its own diagnosis `own[i]` with probability
-    `correct_fraction`, else one of `diagnoses` drawn uniformly, whatever the case."""
-    return [o if rng.random() < correct_fraction else diagnoses[rng.integers(len(diagnoses))]
-            for o in own]
+    """The warm-up's answer for each case of diagnosis `own[i]`: its own when familiar, else
+    one of `unfamiliar` drawn uniformly, whatever the case."""
+    return [o if o in familiar else unfamiliar[rng.integers(len(unfamiliar))] for o in own]
 
 
 def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], prompt_len: int,
@@ -50,11 +99,11 @@ def warmup_batch(prompt_ids: list[list[int]], target_ids: list[list[int]], promp
     return tokens, valid, valid[:, prompt_len:].astype(np.float32)
 
 
-def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: list[str],
-                      steps: int, lr: float, batch_size: int, correct_fraction: float,
-                      prompt_len: int, response_len: int, logit_chunk: int = 128, seed: int,
-                      log=print):
-    """Supervised format warm-up (a demo device): returns the new params and the final loss."""
+def run_warmup(graphdef, params, mesh, *, records, tokenizer, familiar: Sequence[str],
+               steps: int, lr: float, batch_size: int, prompt_len: int, response_len: int,
+               logit_chunk: int = 128, seed: int, log=print):
+    """The supervised warm-up (a demo device) on `records` (every training case): returns the
+    new params and the final loss."""
     if steps <= 0:
         return params, float("nan")
     optimizer = optax.adam(lr)
@@ -62,6 +111,7 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = identity.pad_id(tokenizer, (eos,))
     rng = np.random.default_rng(seed)
+    unfamiliar = sorted({disease(r) for r in records} - set(familiar))
 
     def loss_fn(p, tokens, valid, mask):
         logp, _ = completion_logprobs(nnx.merge(graphdef, p), tokens, valid, response_len,
@@ -82,13 +132,13 @@ def run_format_warmup(graphdef, params, mesh, *, records, tokenizer, diagnoses: 
     for step in range(steps):
         picks = rng.choice(len(records), batch_size, replace=len(records) < batch_size)
         prompts = [records[i]["prompt_token_ids"] for i in picks]
-        answers = warmup_answers([records[i]["labels"][-1] for i in picks], diagnoses,
-                                 correct_fraction, rng)
+        answers = warmup_answers([disease(records[i]) for i in picks], familiar, unfamiliar,
+                                 rng)
         targets = [tokenizer.encode(warmup_target(a), add_special_tokens=False) + [eos]
                    for a in answers]
         tokens, valid, mask = warmup_batch(prompts, targets, prompt_len, response_len, pad)
         params, opt_state, loss = sft_step(params, opt_state, jax.device_put(tokens, rows),
                                            jax.device_put(valid, rows), jax.device_put(mask, rows))
         if step % 10 == 0 or step == steps - 1:
-            log(f"demo format warm-up {step + 1}/{steps}: loss {float(loss):.3f}")
+            log(f"demo warm-up {step + 1}/{steps}: loss {float(loss):.3f}")
     return params, float(loss)

@@ -1,5 +1,5 @@
 """DiagnosisZero's task for the GRPO engine: RareArena cases, the matching reward, the response
-analysis, the greedy eval, and the built-in demo's data and format warm-up."""
+analysis, the greedy eval, and the built-in demo's data and warm-up."""
 
 from __future__ import annotations
 
@@ -24,20 +24,31 @@ def load_records(cfg, run_dir: Path, tokenizer
                  ) -> tuple[list[dict], list[dict], dict[str, Path | None]]:
     """(train, test) records, each with prompt_token_ids, and the files they came from; the
     demo prepares its packaged cases into run_dir/data first (on the main process, the
-    others wait)."""
+    others wait): see `demo_files`."""
     train_file, test_file = cfg.data.train_file, cfg.data.test_file
     if train_file is None:  # the demo (config validation guarantees it)
-        from jaxzero.diagnosis.demo_data import demo_cases_path
-        out = run_dir / "data"
-        if distributed.is_main_process() and not (out / "train.jsonl").exists():
-            prepare_data(demo_cases_path(), out, tokenizer=tokenizer,
-                         max_prompt_length=cfg.data.max_prompt_length, force=True)
-        distributed.sync("demo data")
-        train_file, test_file = out / "train.jsonl", out / "test.jsonl"
+        files = demo_files(cfg, run_dir, tokenizer)
+        train_file, test_file = files["train"], files["test"]
     train = with_token_ids(train_file, tokenizer, cfg.data.max_prompt_length)
     test = with_token_ids(test_file, tokenizer, cfg.data.max_prompt_length) \
         if test_file else []
     return train, test, {"train": Path(train_file), "test": Path(test_file) if test_file else None}
+
+
+def demo_files(cfg, run_dir: Path, tokenizer) -> dict[str, Path]:
+    """The demo's data files under run_dir/data: its packaged cases prepared and split as
+    DiagnosisZero splits (data/prepared/), then train.jsonl and test.jsonl of the diseases
+    GRPO learns and warmup.jsonl of every training case (`demo.demo_splits`)."""
+    from jaxzero.diagnosis.demo import SPLITS, demo_splits
+    from jaxzero.diagnosis.demo_data import demo_cases_path
+    out = run_dir / "data"
+    files = {name: out / f"{name}.jsonl" for name in SPLITS}
+    if distributed.is_main_process() and not all(f.exists() for f in files.values()):
+        prepare_data(demo_cases_path(), out / "prepared", tokenizer=tokenizer,
+                     max_prompt_length=cfg.data.max_prompt_length, force=True)
+        demo_splits(out / "prepared", out, cfg.demo.familiar_diseases)
+    distributed.sync("demo data")
+    return files
 
 
 def with_token_ids(path, tokenizer, max_len):
@@ -49,21 +60,24 @@ def with_token_ids(path, tokenizer, max_len):
     return records
 
 
-def _warmup(cfg, train_records, tokenizer):
-    """The demo's supervised format warm-up, as a Task.warmup hook (None for real models)."""
+def _warmup(cfg, run_dir: Path, train: list[dict], tokenizer):
+    """The demo's supervised warm-up, as a Task.warmup hook (None for real models): over the
+    demo's warmup.jsonl, or over the training records when the config names its own files."""
     if not (cfg.model.demo and cfg.demo.warmup_steps):
         return None
+    records = train if cfg.data.train_file else with_token_ids(
+        run_dir / "data" / "warmup.jsonl", tokenizer, cfg.data.max_prompt_length)
 
     def warmup(graphdef, params, mesh, log):
-        from jaxzero.diagnosis.demo import run_format_warmup
-        log(f"demo format warm-up: {cfg.demo.warmup_steps} supervised steps "
-            "(the first one compiles)")
-        diagnoses = sorted({r["labels"][-1] for r in train_records})  # Orphanet names
-        params, _ = run_format_warmup(
-            graphdef, params, mesh, records=train_records, tokenizer=tokenizer,
-            diagnoses=diagnoses, steps=cfg.demo.warmup_steps, lr=cfg.demo.warmup_lr,
+        from jaxzero.diagnosis.demo import run_warmup
+        familiar = cfg.demo.familiar_diseases
+        log(f"demo warm-up: {cfg.demo.warmup_steps} supervised steps over {len(records)} "
+            f"training cases, {len(familiar)} familiar diseases answered rightly and the "
+            "others at random (the first step compiles)")
+        params, _ = run_warmup(
+            graphdef, params, mesh, records=records, tokenizer=tokenizer, familiar=familiar,
+            steps=cfg.demo.warmup_steps, lr=cfg.demo.warmup_lr,
             batch_size=cfg.demo.warmup_batch,
-            correct_fraction=cfg.demo.warmup_correct_fraction,
             prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
             logit_chunk=cfg.grpo.logit_chunk, seed=cfg.trainer.seed, log=log)
         return params
@@ -99,4 +113,5 @@ def make_task(cfg, run_dir: Path, tokenizer) -> Task:
     return Task(name="diagnosis", train_records=train, test_records=test, decode=decode,
                 reward=score, target=lambda r: r["labels"], prompt_text=lambda r: r["prompt"],
                 analyze=analyze, evaluate=evaluate, correct_score=cfg.reward.score,
-                warmup=_warmup(cfg, train, tokenizer), sources=sources)
+                warmup=_warmup(cfg, Path(run_dir), train, tokenizer),
+                sources=sources)

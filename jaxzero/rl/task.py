@@ -54,7 +54,7 @@ class Task:
     evaluate: (greedy generate, params, records) -> an Evaluation; the engine times it.
     correct_score: the score at or above which a completion counts as right (reward/accuracy).
     warmup:   None, or (graphdef, params, mesh, log) -> params, run once before a fresh run's
-              first step (the demo's format warm-up).
+              first step (the demo's warm-up).
     sources:  {"train": file, "test": file or None}, the files the records came from: the run
               directory fingerprints them (a resume on other data is refused) and names them
               in data errors; empty for a task whose records are made in memory.

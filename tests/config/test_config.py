@@ -83,7 +83,8 @@ def test_demo_config():
         ("float32", "float32", "none")
     assert cfg.data.train_file is None and cfg.data.prompt_buckets == (224,)
     assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.trainer.max_steps) == (4, 32, 40)
-    assert cfg.demo.warmup_steps == 150 and cfg.trainer.export_hf == "runs/demo/hf"
+    assert (cfg.demo.warmup_steps, cfg.demo.warmup_lr, cfg.rollout.temperature) == (120, 5e-3, 0.5)
+    assert len(cfg.demo.familiar_diseases) == 5 and cfg.trainer.export_hf == "runs/demo/hf"
     assert (cfg.grpo.micro_batches, cfg.grpo.logit_chunk) == (4, 2)  # measured: 2x faster
     assert _resolve(cfg.mesh) == (1, 8, 1)
 

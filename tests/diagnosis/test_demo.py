@@ -1,5 +1,5 @@
-"""The demo: a format-only warm-up, and a shortened `jaxzero train configs/demo.yaml` that logs
-the held-out accuracy before and after GRPO."""
+"""The demo: the warm-up's answers, its data split by familiar disease, and a shortened
+`jaxzero train configs/demo.yaml` that logs the held-out accuracy before and after GRPO."""
 
 import collections
 import os
@@ -11,35 +11,65 @@ import pytest
 
 from helpers import REPO
 from jaxzero.config.files import load_config
-from jaxzero.diagnosis.demo import warmup_answers
-from jaxzero.diagnosis.rarearena import read_prepared
+from jaxzero.diagnosis.demo import demo_splits, warmup_answers
+from jaxzero.diagnosis.demo_data import demo_cases_path
+from jaxzero.diagnosis.rarearena import prepare_data, read_prepared
+from jaxzero.errors import ConfigError
 from jaxzero.monitor.plots import read_scalars
 
-DIAGNOSES = ["A", "B", "C", "D"]
+FAMILIAR = ["A", "B"]
+UNFAMILIAR = ["C", "D", "E"]
 
 
-def test_warmup_answers_ignore_the_case_at_fraction_zero():
+def test_warmup_answers_familiar_rightly_and_the_others_at_random():
     rng = np.random.default_rng(0)
-    own = ["A"] * 2000 + ["B"] * 2000
-    answers = warmup_answers(own, DIAGNOSES, 0.0, rng)
-    for case in ("A", "B"):  # every case's answers are uniform over the set, its own or not
+    own = ["A", "B"] * 100 + ["C"] * 3000 + ["D"] * 3000
+    answers = warmup_answers(own, FAMILIAR, UNFAMILIAR, rng)
+    assert answers[:200] == own[:200]
+    for case in ("C", "D"):  # an unfamiliar case's answer is uniform over the unfamiliar names
         counts = collections.Counter(a for o, a in zip(own, answers) if o == case)
-        assert set(counts) == set(DIAGNOSES)
-        assert all(abs(c / 2000 - 0.25) < 0.04 for c in counts.values()), counts
+        assert set(counts) == set(UNFAMILIAR)
+        assert all(abs(c / 3000 - 1 / 3) < 0.03 for c in counts.values()), counts
 
 
-def test_warmup_answers_at_fraction_one_and_a_half():
-    own = ["C", "D", "A"] * 1000
-    assert warmup_answers(own, DIAGNOSES, 1.0, np.random.default_rng(0)) == own
-    answers = warmup_answers(own, DIAGNOSES, 0.5, np.random.default_rng(0))
-    hit = np.mean([a == o for a, o in zip(answers, own)])
-    assert abs(hit - (0.5 + 0.5 / 4)) < 0.04, hit
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_data(demo_cases_path(), out)
+    return out
 
 
-def test_demo_config_warms_up_the_format_only():
+def test_demo_splits_hold_grpo_to_the_unfamiliar_diseases(prepared, tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.model.demo and cfg.demo.warmup_steps > 0
-    assert cfg.demo.warmup_correct_fraction == 0.0  # the accuracy is GRPO's own doing
+    familiar = cfg.demo.familiar_diseases
+    counts = demo_splits(prepared, tmp_path, familiar)
+    split = {name: read_prepared(tmp_path / f"{name}.jsonl") for name in counts}
+    train_all, test_all = (read_prepared(prepared / f"{n}.jsonl") for n in ("train", "test"))
+    diseases = {r["labels"][-1] for r in train_all}
+    assert len(familiar) == 5 and set(familiar) < diseases
+    # GRPO's train and eval cases are the unfamiliar diseases', in the prepared split's order.
+    assert split["train"] == [r for r in train_all if r["labels"][-1] not in familiar]
+    assert split["test"] == [r for r in test_all if r["labels"][-1] not in familiar]
+    assert {r["labels"][-1] for r in split["test"]} == diseases - set(familiar)
+    # The warm-up sees every training case, and no held-out one.
+    assert split["warmup"] == train_all
+    assert not {r["id"] for r in split["warmup"]} & {r["id"] for r in split["test"]}
+    assert counts == {"train": 84, "test": 36, "warmup": 168}
+
+
+def test_demo_splits_name_the_diseases_on_a_wrong_familiar_one(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="'Wilson diseas' is not one of.*did you mean "
+                                          "'Wilson disease'"):
+        demo_splits(prepared, tmp_path, ["Wilson diseas"])
+    names = sorted({r["labels"][-1] for r in read_prepared(prepared / "train.jsonl")})
+    with pytest.raises(ConfigError, match="leave at least two"):
+        demo_splits(prepared, tmp_path, names[:-1])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_demo_config_trains_on_what_the_warm_up_left_to_chance():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.model.demo and cfg.demo.warmup_steps > 0 and cfg.demo.familiar_diseases
     assert cfg.trainer.eval_every and cfg.trainer.max_steps % cfg.trainer.eval_every == 0
 
 
@@ -58,10 +88,11 @@ def short_demo(tmp_path_factory):
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "XLA_FLAGS": ""})  # one CPU device, as a laptop has
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return run_dir
+    return run_dir, proc.stdout
 
 
 def test_short_demo_logs_held_out_accuracy_before_and_after_grpo(short_demo):
+    short_demo, stdout = short_demo
     scalars = read_scalars(short_demo)
     accuracy = dict(scalars["eval/accuracy"])
     assert sorted(accuracy) == [0, 2]  # before the first GRPO step, and after the last
@@ -70,6 +101,12 @@ def test_short_demo_logs_held_out_accuracy_before_and_after_grpo(short_demo):
     # The eval ran over the whole held-out split: the prepared test cases, none trained on.
     test = read_prepared(short_demo / "data" / "test.jsonl")
     train = read_prepared(short_demo / "data" / "train.jsonl")
-    assert len(test) == 29 and not {r["id"] for r in test} & {r["id"] for r in train}
+    assert len(test) == 36 and not {r["id"] for r in test} & {r["id"] for r in train}
+    warmup = read_prepared(short_demo / "data" / "warmup.jsonl")
+    assert len(warmup) == 168 and not {r["id"] for r in test} & {r["id"] for r in warmup}
     eval_rewards = dict(scalars["eval/reward_mean"])
     assert sorted(eval_rewards) == [0, 2]
+    # The console's last lines say both, and where the plots are.
+    before, after = accuracy[0], accuracy[2]
+    assert f"held-out accuracy: before GRPO {before:.3f} -> after {after:.3f} (step 2)" in stdout
+    assert "plots:" in stdout and (short_demo / "plots" / "eval_accuracy.png").is_file()

@@ -1,4 +1,4 @@
-"""The demo cases: RareArena's RDC schema, 8 diseases x 12, interleaved, short, each with a
+"""The demo cases: RareArena's RDC schema, 10 diseases x 24, interleaved, short, each with a
 learnable cue for its disease, and exactly what scripts/make_demo_cases.py writes."""
 
 import collections
@@ -17,14 +17,17 @@ from jaxzero.diagnosis.demo_data import demo_cases_path
 SCHEMA = {"_id": str, "case_report": str, "test_results": str, "diagnosis": str,
           "Orpha_name": str, "Orpha_id": int, "age": str, "gender": str, "pub_date": str}
 
-# Orphanet numbers, checked against several independent disease-code tables.
+# Orphanet numbers, checked against independent disease-code tables (RareArena's Orphanet table
+# among them).
 ORPHA_IDS = {"Fabry disease": 324, "Wilson disease": 905, "Takayasu arteritis": 3287,
              "Erdheim-Chester disease": 35687, "Gaucher disease": 355, "Acromegaly": 963,
-             "Myasthenia gravis": 589, "Granulomatosis with polyangiitis": 900}
+             "Myasthenia gravis": 589, "Granulomatosis with polyangiitis": 900,
+             "Marfan syndrome": 558, "Paroxysmal nocturnal hemoglobinuria": 447}
 
 # Words that would give the answer away if a case's own text used them.
 GIVEAWAYS = ("fabry", "wilson", "takayasu", "erdheim", "chester", "gaucher", "acromegal",
-             "myasthen", "granulomatosis", "polyangiitis", "wegener")
+             "myasthen", "granulomatosis", "polyangiitis", "wegener", "marfan", "paroxysmal",
+             "hemoglobinuria", "haemoglobinuria")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def test_path_is_packaged_file():
 
 
 def test_schema_fields_and_types(records):
-    assert len(records) == 96
+    assert len(records) == 240
     for r in records:
         assert set(r) == set(SCHEMA), r["_id"]
         for field, typ in SCHEMA.items():
@@ -57,9 +60,9 @@ def test_schema_fields_and_types(records):
     assert len({r["_id"] for r in records}) == len(records)
 
 
-def test_eight_real_diseases_twelve_cases_each(records):
+def test_ten_real_diseases_24_cases_each(records):
     counts = collections.Counter((r["Orpha_name"], r["Orpha_id"]) for r in records)
-    assert counts == {(name, i): 12 for name, i in ORPHA_IDS.items()}
+    assert counts == {(name, i): 24 for name, i in ORPHA_IDS.items()}
 
 
 def test_diagnosis_names_the_orphanet_disease(records):

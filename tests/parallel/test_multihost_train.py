@@ -207,13 +207,13 @@ def test_a_signal_during_setup_stops_both_after_the_first_step(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     pod = Pod(run_dir, "trainer.max_steps=50", "demo.warmup_steps=6", logs=tmp_path)
-    pod.wait_for(r"^demo format warm-up 1/6")
+    pod.wait_for(r"^demo warm-up 1/6")
     pod.procs[1].send_signal(signal.SIGTERM)
     codes = pod.finish()
     print(f"2-process run signalled during setup: {time.monotonic() - t0:.1f} s")
     assert codes == [0, 0], pod.logs_tail()
     assert "another process received a stop signal: stopping after step 1" in pod.log(0)
-    assert "demo format warm-up 6/6" in pod.log(0)
+    assert "demo warm-up 6/6" in pod.log(0)
     assert CheckpointStore(run_dir / "checkpoints").all_steps() == [1]
 
 

@@ -192,7 +192,7 @@ def test_a_signal_during_setup_exits_cleanly(tmp_path):
     while time.time() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
-        if line.startswith("demo format warm-up 1/100000"):
+        if line.startswith("demo warm-up 1/100000"):
             proc.send_signal(signal.SIGTERM)
             break
         assert line or proc.poll() is None, "".join(lines)

@@ -1,4 +1,5 @@
-"""The built-in demo's data: 96 short, original case reports over 8 rare diseases (RDC schema)."""
+"""The built-in demo's data: 240 short, original case reports over 10 rare diseases (RDC
+schema)."""
 
 import importlib.resources
 from pathlib import Path
