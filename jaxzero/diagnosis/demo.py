@@ -16,7 +16,6 @@ held-out accuracy starts at chance, and whatever it gains is the reward's doing.
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxzero.diagnosis.rarearena import read_prepared, write_prepared
 from jaxzero.errors import ConfigError
 from jaxzero.io import identity
 from jaxzero.parallel.sharding import batch_sharding
@@ -61,19 +61,14 @@ def demo_splits(prepared_dir: Path, out_dir: Path, familiar: Sequence[str]) -> d
     """From a prepared train/test split of the demo cases, writes out_dir/train.jsonl and
     test.jsonl (the unfamiliar diseases' cases: what GRPO trains on and is evaluated on) and
     warmup.jsonl (every training case, familiar or not); returns the count of each."""
-    read = lambda name: [json.loads(line) for line in
-                         (prepared_dir / f"{name}.jsonl").read_text("utf-8").splitlines()]
-    train, test = read("train"), read("test")
+    train, test = (read_prepared(prepared_dir / f"{name}.jsonl") for name in ("train", "test"))
     check_familiar(familiar, sorted({disease(r) for r in train + test}))
     splits = {"train": [r for r in train if disease(r) not in familiar],
               "test": [r for r in test if disease(r) not in familiar],
               "warmup": train}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in splits.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        tmp = out_dir / f".{name}.jsonl.tmp"
-        tmp.write_text(text, "utf-8")
-        tmp.replace(out_dir / f"{name}.jsonl")
+        write_prepared(records, out_dir / f"{name}.jsonl")
     return {name: len(records) for name, records in splits.items()}
 
 

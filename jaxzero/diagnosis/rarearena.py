@@ -365,7 +365,8 @@ def _prepared_rows(cases: Sequence[Case], template: str, tokenizer, max_len: int
     return kept, dropped, truncated, longest
 
 
-def _write_jsonl(rows: Sequence[dict], path: Path) -> None:
+def write_prepared(rows: Sequence[dict], path: Path) -> None:
+    """Prepared records to a JSON-lines file, one per line, written whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -425,7 +426,7 @@ def prepare_data(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     for name, part in (("train", train), ("test", test)):
         rows, d, t, n = _prepared_rows(part, template, tokenizer, max_prompt_length,
                                        long_prompt_policy, desc=f"tokenizing {name}")
-        _write_jsonl(rows, out / f"{name}.jsonl")
+        write_prepared(rows, out / f"{name}.jsonl")
         sizes[name], dropped, truncated, longest = len(rows), dropped + d, truncated + t, \
             max(longest, n)
     stats = PrepareStats(

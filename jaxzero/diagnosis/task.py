@@ -65,11 +65,11 @@ def _warmup(cfg, run_dir: Path, train: list[dict], tokenizer):
     demo's warmup.jsonl, or over the training records when the config names its own files."""
     if not (cfg.model.demo and cfg.demo.warmup_steps):
         return None
-    records = train if cfg.data.train_file else with_token_ids(
-        run_dir / "data" / "warmup.jsonl", tokenizer, cfg.data.max_prompt_length)
 
-    def warmup(graphdef, params, mesh, log):
+    def warmup(graphdef, params, mesh, log):  # a fresh run's only: a resume reads nothing here
         from jaxzero.diagnosis.demo import run_warmup
+        records = train if cfg.data.train_file else with_token_ids(
+            run_dir / "data" / "warmup.jsonl", tokenizer, cfg.data.max_prompt_length)
         familiar = cfg.demo.familiar_diseases
         log(f"demo warm-up: {cfg.demo.warmup_steps} supervised steps over {len(records)} "
             f"training cases, {len(familiar)} familiar diseases answered rightly and the "
