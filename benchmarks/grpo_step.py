@@ -85,13 +85,14 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None,
                    help="blocks of the model (default: the preset's 24); fewer for a small run")
     p.add_argument("--length-mix", type=int, default=None, metavar="LOW",
-                   help="jaxzero: response lengths log-uniform on [LOW, --new-tokens], stops "
-                        "forced there (benchmarks/length_mix.py); default: all full length")
+                   help="response lengths log-uniform on [LOW, --new-tokens], stops forced "
+                        "there after sampling, the same for both systems "
+                        "(benchmarks/length_mix.py); default: all full length")
     p.add_argument("--layout", choices=("padded", "trimmed", "packed"), default="padded",
                    help="jaxzero: the rows of the log-prob passes and the update (padded: "
                         "the sampler's batch as it is, the old default)")
     p.add_argument("--width-multiple", type=int, default=64,
-                   help="jaxzero --layout trimmed: row widths are multiples of this")
+                   help="jaxzero --layout trimmed and packed: row widths are multiples of this")
     p.add_argument("--pack-tokens", type=int, default=None,
                    help="jaxzero --layout packed: tokens per packed row (default: twice the "
                         "longest rollout)")
@@ -154,6 +155,13 @@ def update_flops(cfg, rows: int, prompt_len: int, new_tokens: int) -> float:
     return 3 * flops_forward(cfg, rows, prompt_len + new_tokens, new_tokens)
 
 
+def mix_lengths(args, count: int):
+    """--length-mix's response lengths: the same draw every step and for both systems, so
+    every timed step does the same work."""
+    from benchmarks.length_mix import draw_lengths
+    return draw_lengths(0, count, args.length_mix, args.new_tokens)
+
+
 def load_tokenizer():
     from jaxzero.io.tokenizer import demo_tokenizer_dir, load_tokenizer as load
     return load(demo_tokenizer_dir())
@@ -213,7 +221,7 @@ def run_jaxzero(args, dtype: str) -> dict:
                                   width_multiple=args.width_multiple)
         width = args.pack_tokens or 2 * (args.prompt_len + args.new_tokens)
         return layout.packed(valid_BT, args.new_tokens, width=width, rows=1,
-                             micro_batches=len(valid_BT))
+                             micro_batches=len(valid_BT), width_multiple=args.width_multiple)
 
     def laid_out_passes(host, tokens_BT, valid_BT, mask_BR, adv_B, times):
         """The log-prob passes and the update on trimmed or packed rows; (metrics, the
@@ -250,8 +258,8 @@ def run_jaxzero(args, dtype: str) -> dict:
                                n=args.n, temperature=1.0, top_p=1.0, top_k=0)
         host = jax.tree.map(np.asarray, out)
         if args.length_mix is not None:
-            host = length_mix.force_stops(host, length_mix.draw_lengths(
-                index, len(host.tokens), args.length_mix, args.new_tokens), tokenizer.pad_token_id)
+            host = length_mix.force_stops(host, mix_lengths(args, len(host.tokens)),
+                                          tokenizer.pad_token_id)
         times["rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -409,9 +417,16 @@ def run_trl(args, dtype: str) -> dict:
     lengths: list[list[int]] = []
 
     def generate(*a, **kw):
-        out = trainer_generate(*a, **kw)
-        lengths.append([len(ids) for ids in out[1]])  # (prompt_ids, completion_ids, ...)
-        return out
+        out = list(trainer_generate(*a, **kw))  # (prompt_ids, completion_ids, _, texts, ...)
+        if args.length_mix is not None:
+            # As jaxzero's forced stops: row b ends at its drawn length with an eos, so TRL
+            # pads its batch to the longest, as when its model stops there itself.
+            eos = tokenizer.eos_token_id
+            cut = [ids[:min(n, len(ids)) - 1] + [eos]
+                   for ids, n in zip(out[1], mix_lengths(args, len(out[1])))]
+            out[1], out[3] = cut, tokenizer.batch_decode(cut, skip_special_tokens=True)
+        lengths.append([len(ids) for ids in out[1]])
+        return tuple(out)
 
     trainer_generate = trainer._generate
     trainer._generate = timed(generate, lambda *_, **__: "rollout")
@@ -426,15 +441,18 @@ def run_trl(args, dtype: str) -> dict:
         set_new_tokens(args.trl_warmup_tokens)
     trainer.train()
     steps = []
-    for total, ph in zip(timer.times, timer.phases):
+    for total, ph, call_lengths in zip(timer.times, timer.phases, lengths):
         other = ph.get("generate_and_score", 0.0) - sum(
             ph.get(k, 0.0) for k in ("rollout", "reward", "reference", "old_logprobs"))
         steps.append({"rollout": ph.get("rollout", 0.0), "reward": ph.get("reward", 0.0),
                       "reference": ph.get("reference", 0.0) + other,
                       "old_logprobs": ph.get("old_logprobs", 0.0),
                       "update": total - ph.get("generate_and_score", 0.0),
-                      "loss_forward": ph.get("loss_forward", 0.0), "step": total})
-    assert all(n == args.new_tokens for call in lengths[1:] for n in call), lengths
+                      "loss_forward": ph.get("loss_forward", 0.0), "step": total,
+                      "real_tokens": float(sum(call_lengths))})
+    want = (mix_lengths(args, batch).tolist() if args.length_mix is not None
+            else [args.new_tokens] * batch)
+    assert all(call == want for call in lengths[1:]), (lengths, want)
     result = summarise("trl", dtype, steps, setup_s,
                        note=f"weights {weights_dtype}, bf16 autocast {autocast_bf16}, "
                             f"per_device_train_batch_size {batch // args.micro_batches} x "
@@ -525,9 +543,6 @@ def main(argv=None) -> None:
         for d in wanted[s]:
             if d not in modes:
                 raise SystemExit(f"unknown {s} dtype {d!r}; choose from {tuple(modes)}")
-    if args.length_mix is not None and "trl" in systems:
-        raise SystemExit("--length-mix forces jaxzero's stops after sampling; TRL's generate "
-                         "would still run every rollout to full length: use --systems jaxzero")
     # One dtype at a time, both systems back to back, so a comparison shares the machine's load.
     dtypes = list(dict.fromkeys(d for s in systems for d in wanted[s]))
     cfg = model_config(args.layers)
@@ -553,8 +568,8 @@ def main(argv=None) -> None:
                   + (f"compile ~{r['compile_s']:.1f} s, " if r["compile_s"] is not None else "")
                   + (f"loss forward {ph['loss_forward']:.2f} s, " if "loss_forward" in ph else "")
                   + (f"padding {ph['padding_flops']:.1%} of the passes' FLOPs, "
-                     f"{ph['real_tokens'] / r['step_s']:.1f} real tokens/s, "
                      if "padding_flops" in ph else "")
+                  + f"{ph['real_tokens'] / r['step_s']:.1f} real tokens/s, "
                   + f"setup {r['setup_s']:.0f} s, "
                   f"wall {time.perf_counter() - t0:.0f} s, peak RSS {r['peak_rss_gib']:.1f} GiB; "
                   f"{r['note']}; "

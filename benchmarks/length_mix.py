@@ -46,8 +46,8 @@ def stop_set(vocab: int, mean_length: int, avoid: int) -> tuple[int, ...]:
 def sequence_flops(cfg, seq: int, scored: int, attended: float | None = None) -> float:
     """Model FLOPs of a forward pass over one row of `seq` tokens with logits at `scored`
     positions: the dense matmuls, attention over `attended` query-key pairs (default all
-    seq x seq, the PaLM convention, which the materialised attention computes), the lm_head.
-    The embedding gather, norms and softmax are not counted."""
+    seq x seq, the PaLM convention), the lm_head. The embedding gather, norms and softmax are
+    not counted."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     per_token = 2 * cfg.num_hidden_layers * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f)
@@ -56,24 +56,32 @@ def sequence_flops(cfg, seq: int, scored: int, attended: float | None = None) ->
         scored * 2 * d * cfg.vocab_size
 
 
+def computed_pairs(width: int) -> int:
+    """Query-key pairs the einsum attention forms over a row of `width` slots: each query
+    block against the keys up to its end (`jaxzero.model.attention.query_blocks`)."""
+    from jaxzero.model.attention import query_blocks
+    return sum((end - start) * end for start, end in query_blocks(width))
+
+
 def useful_flops(cfg, prompt_len_B, response_len_B) -> float:
-    """What a pass needs: each rollout alone, its own tokens attending to each other, logits
-    at its response tokens only."""
-    return float(sum(sequence_flops(cfg, int(p + r), int(r))
+    """What a pass needs: each rollout alone, each of its tokens attending to itself and the
+    tokens before it (s(s+1)/2 pairs), logits at its response tokens only."""
+    return float(sum(sequence_flops(cfg, int(p + r), int(r), (p + r) * (p + r + 1) / 2)
                      for p, r in zip(prompt_len_B, response_len_B)))
 
 
 def padded_flops(cfg, rows: int, width: int, response_slots: int) -> float:
     """The padded batch's pass: every row prompt bucket + max_new_tokens wide, all scored."""
-    return rows * sequence_flops(cfg, width, response_slots)
+    return rows * sequence_flops(cfg, width, response_slots, computed_pairs(width))
 
 
 def layout_flops(cfg, lay, live_M, chunk: int) -> float:
     """A pass over `jaxzero.rl.layout` rows: every row of the micro-batches in use at full
-    width (attention over all W x W pairs), logits for the live chunks of scored slots."""
+    width (attention as `computed_pairs`), logits for the live chunks of scored slots."""
     flops = 0.0
     for live in np.asarray(live_M):
         if live:
             scored = -(-int(live) // chunk) * chunk
-            flops += lay.rows * sequence_flops(cfg, lay.width, min(scored, lay.slots))
+            flops += lay.rows * sequence_flops(cfg, lay.width, min(scored, lay.slots),
+                                               computed_pairs(lay.width))
     return flops

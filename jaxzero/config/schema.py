@@ -227,11 +227,12 @@ class GRPOConfig(_Section):
     micro_batches: int = 1         # gradient accumulation; from `jaxzero plan`
     # The log-prob passes and the update run on each rollout's real tokens, one rollout per
     # row, rows as wide as the batch's longest rollout rounded up to a multiple of this
-    # (each width compiles once).
+    # (each width compiles once); packed rows are narrowed to a multiple of it too.
     row_width_multiple: int = 128
     # Sequence packing (verl's use_dynamic_bsz): whole rollouts packed into rows of this many
     # tokens, one row per data-parallel shard per micro-batch, as many micro-batches as the
-    # batch needs (this replaces grpo.micro_batches, which must be 1). null: no packing.
+    # batch needs (this replaces grpo.micro_batches, which must be 1), then narrowed to the
+    # narrowest multiple of grpo.row_width_multiple that packs as few. null: no packing.
     micro_batch_tokens: int | None = None
     # Response positions whose [rows, positions, vocab] logits are formed at once in the
     # log-prob passes. Large on accelerators (fewer re-reads of the lm_head); a tiny model with

@@ -6,9 +6,10 @@ tokens, then its real response tokens) at the start of a row, and either
 
 - `trimmed`: one rollout per row, rows as wide as the batch's longest rollout rounded up to a
   multiple of `width_multiple` (few widths, so few compiles), in `micro_batches` micro-batches;
-- `packed`: whole rollouts packed into rows of `width` tokens (a token budget), one row per
-  data-parallel shard per micro-batch, and as many micro-batches as the tokens need, up to a
-  fixed count (empty ones are skipped on the device), so one shape serves every step.
+- `packed`: whole rollouts packed into rows of at most `width` tokens (a token budget), one
+  row per data-parallel shard per micro-batch, and as many micro-batches as the tokens need,
+  up to a fixed count (empty ones are skipped on the device); the rows then narrowed to a
+  multiple of `width_multiple` that still holds them, so few widths compile.
 
 Every scored slot (a response token) carries its rollout's advantage and its loss weights
 (`grpo.token_weights`, from the whole padded batch), so the loss, its gradient and the metrics
@@ -152,18 +153,43 @@ def trimmed(valid_BT: np.ndarray, response_slots: int, *, micro_batches: int,
 
 
 def packed(valid_BT: np.ndarray, response_slots: int, *, width: int, rows: int,
-           micro_batches: int) -> Layout:
-    """Whole rollouts packed into rows of `width` tokens, `rows` rows per micro-batch (one per
-    data-parallel shard), `micro_batches` of them (the unused ones empty).
+           micro_batches: int, width_multiple: int | None = None) -> Layout:
+    """Whole rollouts packed into rows of at most `width` tokens (the token budget), `rows`
+    rows per micro-batch (one per data-parallel shard), `micro_batches` of them (the unused
+    ones empty).
 
     Best-fit decreasing: longest rollout first, each into the fullest row it fits, a new row
     when none does. Every row costs its full width, so the fewest rows is the least waste.
+    With `width_multiple`, the rows are then narrowed to the narrowest multiple of it that
+    still packs the batch into as many micro-batches: the last row's empty tail is spread
+    over all of them and shrinks (each width compiles once).
     """
     plen_B, rlen_B = _lengths(valid_BT, response_slots)
     len_B = plen_B + rlen_B
     if len_B.max() > width:
         raise ValueError(f"a rollout of {int(len_B.max())} tokens does not fit a packed row "
                          f"of {width}; raise the token budget")
+    count, placed = _best_fit(len_B, rlen_B, width)
+    groups = math.ceil(count / rows)
+    if groups > micro_batches:
+        raise ValueError(f"the rollouts need {groups} micro-batches of {rows} rows of "
+                         f"{width} tokens; at most {micro_batches} were allowed")
+    if width_multiple is not None:
+        narrowest = max(int(len_B.max()), math.ceil(int(len_B.sum()) / (groups * rows)))
+        for narrower in range(math.ceil(narrowest / width_multiple) * width_multiple, width,
+                              width_multiple):
+            fewer, fit = _best_fit(len_B, rlen_B, narrower)
+            if math.ceil(fewer / rows) <= groups:
+                width, placed = narrower, fit
+                break
+    row_B, offset_B, slot_B = placed
+    return Layout(micro_batches, rows, width, width, valid_BT.shape[1] - response_slots,
+                  row_B=row_B, offset_B=offset_B, slot_B=slot_B, prompt_len_B=plen_B,
+                  response_len_B=rlen_B)
+
+
+def _best_fit(len_B: np.ndarray, rlen_B: np.ndarray, width: int):
+    """Best-fit decreasing into rows of `width`: (rows used, (row_B, offset_B, slot_B))."""
     fill = np.zeros(len_B.size, np.int64)   # at most one row per rollout
     slots = np.zeros(len_B.size, np.int64)
     row_B, offset_B, slot_B = (np.zeros(len_B.size, np.int64) for _ in range(3))
@@ -176,11 +202,4 @@ def packed(valid_BT: np.ndarray, response_slots: int, *, width: int, rows: int,
         row_B[b], offset_B[b], slot_B[b] = k, fill[k], slots[k]
         fill[k] += len_B[b]
         slots[k] += rlen_B[b]
-    count = math.ceil(count / rows) * rows
-    if count > rows * micro_batches:
-        raise ValueError(f"the rollouts need {count // rows} micro-batches of {rows} rows of "
-                         f"{width} tokens; at most {micro_batches} were allowed")
-    return Layout(micro_batches, rows, width, width, valid_BT.shape[1] - response_slots,
-                  row_B=row_B,
-                  offset_B=offset_B, slot_B=slot_B, prompt_len_B=plen_B,
-                  response_len_B=rlen_B)
+    return count, (row_B, offset_B, slot_B)

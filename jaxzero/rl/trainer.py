@@ -110,7 +110,8 @@ def lay_out(engine: Engine, tokens_BT: np.ndarray, valid_BT: np.ndarray
         # As many micro-batches as one rollout a row needs: the count that fits any batch,
         # so one shape serves every step.
         lay = layout.packed(valid_BT, response_slots, width=g.micro_batch_tokens, rows=shards,
-                            micro_batches=-(-valid_BT.shape[0] // shards))
+                            micro_batches=-(-valid_BT.shape[0] // shards),
+                            width_multiple=g.row_width_multiple)
     return lay, put_global(lay.rows_of(tokens_BT), engine.fns.row_shardings)
 
 

@@ -104,3 +104,64 @@ def test_resolve_picks_per_backend_and_refuses_what_cannot_run():
         resolve_attention("splash", "gpu", jnp.bfloat16)
     with pytest.raises(ConfigError, match="cudnn needs 16-bit compute"):
         resolve_attention("cudnn", "gpu", jnp.float32)
+
+
+def _reference(q, k, v, allowed_BTS):
+    """Unblocked masked softmax attention in numpy float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.asarray(allowed_BTS)[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", probs / probs.sum(-1, keepdims=True), v)
+
+
+def test_query_blocks_cover_every_slot_in_few_blocks():
+    from jaxzero.model.attention import MIN_QUERY_BLOCK, QUERY_BLOCKS, query_blocks
+    assert query_blocks(MIN_QUERY_BLOCK) == [(0, MIN_QUERY_BLOCK)]
+    for t in (129, 333, 2048, 5000):
+        blocks = query_blocks(t)
+        assert blocks[0][0] == 0 and blocks[-1][1] == t and len(blocks) <= QUERY_BLOCKS
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    # 2,048 slots: the blocks form 36/64 of the T x T scores.
+    assert sum((e - s) * e for s, e in query_blocks(2048)) == 2048 * 2048 * 36 // 64
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_causal_einsum_equals_unblocked_attention(packed):
+    """T = 333 runs in three query blocks: left-padded rows, and packed rows (segments whose
+    boundaries cross the blocks'), against unblocked attention, values and gradients."""
+    t = 333
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in [(B, t, N, H), (B, t, K, H), (B, t, K, H)])
+    slot = np.arange(t)
+    if packed:
+        ends = np.array([[100, 200, 333], [129, 300, 320], [5, 256, 257]])
+        segment_BT = jnp.asarray((slot[None, :, None] >= ends[:, None, :]).sum(-1), jnp.int32)
+        valid_BT = slot[None] < ends[:, -1:]
+    else:
+        segment_BT, valid_BT = None, slot[None] >= np.array([0, 37, 200])[:, None]
+    mask = AttentionMask(jnp.broadcast_to(jnp.arange(t), (B, t)), jnp.asarray(valid_BT),
+                         segment_BT)
+    run = jax.jit(lambda q, k, v: attend(q, k, v, mask, compute_dtype=jnp.float32,
+                                         sharding=FSDP_TP))
+    np.testing.assert_allclose(np.asarray(run(q, k, v))[valid_BT],
+                               _reference(q, k, v, mask.allowed_BTS())[valid_BT], atol=2e-6)
+    # Gradients of a loss over the real queries, against the same loss on the full mask.
+    w = jnp.asarray(rng.normal(size=(B, t, N, H)) * valid_BT[:, :, None, None], jnp.float32)
+    full = lambda q, k, v: jnp.sum(w * _full_einsum(q, k, v, mask.allowed_BTS()))
+    blocked = lambda q, k, v: jnp.sum(w * run(q, k, v))
+    for got, want in zip(jax.grad(blocked, (0, 1, 2))(q, k, v),
+                         jax.grad(full, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _full_einsum(q, k, v, allowed_BTS):
+    """The einsum attention on the whole [T, S] mask in JAX (for gradients)."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None], scores, -1e30), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)

@@ -37,7 +37,8 @@ def _host_batch(seed=0, b=8):
 def _layouts(host):
     return {"trimmed": layout.trimmed(host.valid_BT, R, micro_batches=2, width_multiple=4,
                                       rows_multiple=2),
-            "packed": layout.packed(host.valid_BT, R, width=24, rows=2, micro_batches=4)}
+            "packed": layout.packed(host.valid_BT, R, width=32, rows=2, micro_batches=4,
+                                    width_multiple=4)}
 
 
 # ---- the host layouts ----------------------------------------------------------------------
@@ -84,6 +85,22 @@ def test_packing_fills_few_rows_and_refuses_what_does_not_fit():
         layout.packed(host.valid_BT, R, width=8, rows=2, micro_batches=8)
     with pytest.raises(ValueError, match="at most 1 were allowed"):
         layout.packed(host.valid_BT, R, width=32, rows=2, micro_batches=1)
+
+
+def test_packed_rows_narrow_to_the_fewest_micro_batches_budget():
+    """Narrowing spreads the last row's empty tail: the same micro-batches, rows a multiple
+    of width_multiple no wider than the budget, less padding; it never needs more rows."""
+    for seed in range(6):
+        host = _host_batch(seed=seed, b=16)
+        wide = layout.packed(host.valid_BT, R, width=64, rows=2, micro_batches=16)
+        narrow = layout.packed(host.valid_BT, R, width=64, rows=2, micro_batches=16,
+                               width_multiple=4)
+        used = lambda lay: np.unique(lay.row_B // lay.rows).size
+        assert used(narrow) == used(wide) and narrow.width % 4 == 0 and narrow.width <= 64
+        fill = np.bincount(narrow.row_B, narrow.prompt_len_B + narrow.response_len_B)
+        assert fill.max() <= narrow.width
+        assert narrow.padding_fraction <= wide.padding_fraction
+    assert narrow.width < 64  # the batches above do narrow
 
 
 # ---- the model on laid-out rows -----------------------------------------------------------
