@@ -263,3 +263,40 @@ def toy_records(count, seed=0):
     return [{"id": f"toy{i}", "prompt_token_ids": [int(t) for t in
                                                   rng.integers(8, 30, rng.integers(3, 8))]}
             for i in range(count)]
+
+
+# ---------------------------------------------------------------- a stand-in bucket
+
+def fake_bucket(root: Path, monkeypatch) -> Path:
+    """gs:// URLs served from the local directory `root` (gs://B/P is root/B/P): an fsspec
+    filesystem for etils epath (jaxzero's and orbax's small files), and orbax's array writes
+    (tensorstore's own gcs driver would go to the network) redirected to the same place.
+    What it stands in for is the object store's API, not its semantics: no network, no
+    eventual consistency. Returns root."""
+    import importlib
+    fsspec_registry = importlib.import_module("fsspec.registry")  # the module, not fsspec.registry
+    from fsspec.implementations.local import LocalFileSystem
+    from jaxzero.io import checkpoint
+
+    class Bucket(LocalFileSystem):
+        protocol = ("gs", "gcs")
+        root_marker = ""
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):  # gcsfs's option
+            super().__init__(*args, auto_mkdir=True, **kwargs)  # objects need no folders
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            for prefix in ("gs://", "gcs://"):
+                if path.startswith(prefix):
+                    return f"{root}/{path[len(prefix):].lstrip('/')}".rstrip("/")
+            return super()._strip_protocol(path)
+
+    root.mkdir(parents=True, exist_ok=True)
+    for scheme in Bucket.protocol:
+        monkeypatch.setitem(fsspec_registry._registry, scheme, Bucket)
+    local = checkpoint.storage_path
+    monkeypatch.setattr(checkpoint, "storage_path", lambda p: root / str(p)[len("gs://"):]
+                        if str(p).startswith("gs://") else local(p))
+    return root

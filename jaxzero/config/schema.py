@@ -14,6 +14,7 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from jaxzero.errors import ConfigError
+from jaxzero.io.storage import REMOTE_SCHEMES
 
 Dtype = Literal["float32", "bfloat16"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -294,6 +295,10 @@ class TrainerConfig(_Section):
     export_hf: str | None = None  # HF directory written at the end; None: no export
     # Where checkpoints go: a path or a gs://, s3://, az:// URL; None: run_dir/checkpoints.
     checkpoint_dir: str | None = None
+    # For a remote run_dir (gs://, s3://, az://): the local directory that mirrors it (the
+    # lock, tokenizer, data and TensorBoard logs are written here and copied up); None:
+    # ~/.cache/jaxzero/runs/<the URL without its scheme>.
+    local_dir: str | None = None
     # DiagnosisZero's loop (ray_trainer.fit) counts steps from 1 and stops when the count
     # reaches batches × epochs, so it makes one update fewer, then validates once more.
     seed_step_count: bool = False
@@ -310,6 +315,11 @@ class TrainerConfig(_Section):
 
     def _validate(self) -> None:
         self._require(self.run_dir != "", "run_dir", "give a directory")
+        remote = self.run_dir.startswith(REMOTE_SCHEMES)
+        self._require(self.local_dir is None or remote, "local_dir",
+                      "is only for a remote trainer.run_dir (gs://, s3://, az://)")
+        self._require(self.local_dir is None or not self.local_dir.startswith(REMOTE_SCHEMES),
+                      "local_dir", "must be a local path (it mirrors the remote run_dir)")
         self._at_least(1, "total_epochs", "max_steps", "save_every", "keep_checkpoints",
                        "log_every", "peer_timeout_s")
         self._at_least(0, "eval_every", "seed", "eval_examples_logged")

@@ -43,11 +43,20 @@ def demo_files(cfg, run_dir: Path, tokenizer) -> dict[str, Path]:
     from jaxzero.diagnosis.demo_data import demo_cases_path
     out = run_dir / "data"
     files = {name: out / f"{name}.jsonl" for name in SPLITS}
-    if distributed.is_main_process() and not all(f.exists() for f in files.values()):
-        prepare_data(demo_cases_path(), out / "prepared", tokenizer=tokenizer,
-                     max_prompt_length=cfg.data.max_prompt_length, force=True)
-        demo_splits(out / "prepared", out, cfg.demo.familiar_diseases)
+
+    def prepare():
+        if not all(f.exists() for f in files.values()):
+            prepare_data(demo_cases_path(), out / "prepared", tokenizer=tokenizer,
+                         max_prompt_length=cfg.data.max_prompt_length, force=True)
+            demo_splits(out / "prepared", out, cfg.demo.familiar_diseases)
+
+    if distributed.is_main_process():
+        prepare()
     distributed.sync("demo data")
+    if not distributed.is_main_process():
+        # Its run directory is not the main process's (a remote run directory's mirror on
+        # another host): the same files, prepared here (the preparation is deterministic).
+        prepare()
     return files
 
 

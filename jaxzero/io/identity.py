@@ -21,6 +21,9 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 GENERATION_CONFIG = "generation_config.json"
 CHECKPOINTS = "checkpoints"
+# In a run directory whose checkpoints are elsewhere (trainer.checkpoint_dir, or a remote
+# run directory's mirror): one line, their path or URL.
+CHECKPOINTS_AT = "checkpoints.url"
 # What a hub download needs: configs, weights, tokenizer; never pickled weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 # The demo's tiny model reads and writes the real Qwen2.5 vocabulary.
@@ -43,6 +46,27 @@ def read_model_config(path: str | Path) -> tuple[Qwen2Config, str]:
     fields = dict(fields)
     param_dtype = fields.pop("param_dtype")
     return Qwen2Config.from_dict(fields, source=str(file)), param_dtype
+
+
+def checkpoints_location(path: str | Path):
+    """Where the checkpoints of the model or run dir `path` are: DIR/checkpoints, or the
+    path or URL its CHECKPOINTS_AT file names (a Path, or an epath.Path for a URL)."""
+    from jaxzero.io.storage import storage_path
+    pointer = Path(path) / CHECKPOINTS_AT
+    if pointer.is_file():
+        return storage_path(pointer.read_text().strip())
+    return Path(path) / CHECKPOINTS
+
+
+def write_checkpoints_location(path: str | Path, where) -> None:
+    """Records in DIR/CHECKPOINTS_AT where its checkpoints are, when not DIR/checkpoints."""
+    pointer = Path(path) / CHECKPOINTS_AT
+    if str(where) == str(Path(path).absolute() / CHECKPOINTS):
+        pointer.unlink(missing_ok=True)
+        return
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(f"{where}\n")
+    os.replace(tmp, pointer)
 
 
 def write_model_config(path: str | Path, config: Qwen2Config, param_dtype: str) -> Path:
@@ -114,9 +138,32 @@ def _hub_id(text: str, path: Path) -> str:
     return text
 
 
+def _remote_source(url: str) -> ModelSource:
+    """A jaxzero dir at a remote URL (a remote run directory or converted model): its small
+    files are copied to its local mirror (`storage.local_mirror`), which names the remote
+    checkpoints in its CHECKPOINTS_AT; the weights are read from the remote."""
+    from jaxzero.io import storage
+    storage.check_remote_support(url)
+    remote, mirror = storage.storage_path(url), storage.local_mirror(url)
+    if not (remote / MODEL_CONFIG).exists():
+        raise CheckpointError(f"{url}: no {MODEL_CONFIG} there; a remote model must be a "
+                              "jaxzero run or model directory (an HF model: download it)")
+    mirror.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_CONFIG, TOKENIZER_DIR, GENERATION_CONFIG, CHECKPOINTS_AT):
+        if not (mirror / name).exists() and (remote / name).exists():
+            storage.download(remote / name, mirror / name)
+    if not (mirror / CHECKPOINTS_AT).exists():
+        write_checkpoints_location(mirror, remote / CHECKPOINTS)
+    return _local_source(mirror)
+
+
 def resolve_source(path_or_hub_id: str | Path) -> ModelSource:
-    """Finds the model: a jaxzero dir, an HF dir (config.json), or a hub id such as
-    Qwen/Qwen2.5-3B-Instruct (from the HF cache, or downloaded when online)."""
+    """Finds the model: a jaxzero dir (local, or remote: gs://, s3://, az://), an HF dir
+    (config.json), or a hub id such as Qwen/Qwen2.5-3B-Instruct (from the HF cache, or
+    downloaded when online)."""
+    from jaxzero.io.storage import is_remote
+    if is_remote(path_or_hub_id):
+        return _remote_source(str(path_or_hub_id))
     path = Path(path_or_hub_id).expanduser()
     source = _local_source(path)
     if source is not None:

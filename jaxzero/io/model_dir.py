@@ -24,8 +24,8 @@ from jaxzero.io import hf as hf_io
 from jaxzero.io import staging
 from jaxzero.io.checkpoint import CheckpointStore
 from jaxzero.io.identity import (CHECKPOINTS, GENERATION_CONFIG, MODEL_CONFIG, TOKENIZER_DIR,
-                                 ModelSource, is_jaxzero_dir, resolve_source,
-                                 write_model_config)
+                                 ModelSource, checkpoints_location, is_jaxzero_dir,
+                                 resolve_source, write_model_config)
 from jaxzero.errors import CheckpointError
 from jaxzero.model.qwen2 import ModelOptions, Qwen2ForCausalLM, abstract_model
 from jaxzero.model.config import Qwen2Config
@@ -36,9 +36,9 @@ CONVERTED_STEP = 0
 
 
 def _store(path: Path) -> CheckpointStore:
-    ckpt = path / CHECKPOINTS
+    ckpt = checkpoints_location(path)
     if not ckpt.is_dir():
-        raise CheckpointError(f"{path}: no {CHECKPOINTS}/ directory; it holds no weights yet")
+        raise CheckpointError(f"{path}: no checkpoints at {ckpt}; it holds no weights yet")
     return CheckpointStore(ckpt)
 
 
@@ -208,7 +208,8 @@ def convert_jax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, step: int | Non
 def checkpoints_of(path: str | Path) -> list[tuple[str, int | None]]:
     """A run or converted dir expands to (path, step) for each of its checkpoint steps;
     anything else (an HF dir, a hub id) is one entry with step None."""
-    ckpt = Path(path) / CHECKPOINTS
+    from jaxzero.io.storage import is_remote
+    ckpt = checkpoints_location(resolve_source(path).path if is_remote(path) else path)
     if ckpt.is_dir():
         store = CheckpointStore(ckpt)
         try:

@@ -1,5 +1,6 @@
-"""Where checkpoints can live: local paths, remote URLs (gs://, s3://, az://) through etils
-epath, and the mounts on which orbax's commit by directory rename is not atomic."""
+"""Where runs and checkpoints can live: local paths, remote URLs (gs://, s3://, az://) through
+etils epath, the local mirror of a remote run directory and the copies between them, and the
+mounts on which orbax's commit by directory rename is not atomic."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ NON_ATOMIC_FILESYSTEMS = frozenset({
     "fuse.gcsfuse", "fuse.s3fs", "fuse.goofys", "fuse.mountpoint-s3", "fuse.rclone",
     "fuse.blobfuse", "fuse.blobfuse2"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+# The fsspec filesystem etils epath reads each scheme through (without tensorflow installed).
+FSSPEC_PACKAGES = {"gs://": "gcsfs", "s3://": "s3fs", "az://": "adlfs"}
+MIRRORS = Path("~/.cache/jaxzero/runs")
+TMP_SUFFIX = ".jaxzero-tmp"  # a file being written, renamed into place when whole
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -27,6 +32,57 @@ def storage_path(path: str | os.PathLike):
         from etils import epath
         return epath.Path(str(path))
     return Path(path).absolute()
+
+
+def check_remote_support(url: str) -> None:
+    """Refuses a remote URL whose filesystem package is not installed, before anything runs
+    (epath would fail only at the first file it writes)."""
+    import importlib.util
+
+    import fsspec
+    from jaxzero.errors import ConfigError
+    scheme = url.split("://", 1)[0]
+    if importlib.util.find_spec("tensorflow") is not None:
+        return  # epath then reads gs:// through tf.io.gfile
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        package = FSSPEC_PACKAGES[scheme + "://"]
+        raise ConfigError(f"{url}: reading and writing {scheme}:// needs the {package} "
+                          f"package; pip install {package}") from None
+
+
+def local_mirror(url: str, local_dir: str | None = None) -> Path:
+    """The local directory that mirrors the remote run directory `url`: `local_dir`, or
+    ~/.cache/jaxzero/runs/<scheme>/<bucket>/<path>."""
+    if local_dir is not None:
+        return Path(local_dir).expanduser().absolute()
+    scheme, rest = url.split("://", 1)
+    return (MIRRORS / scheme / rest.strip("/")).expanduser().absolute()
+
+
+def upload(local: Path, remote) -> None:
+    """Copies a local file or directory tree to the remote path (each file one object write,
+    so a reader sees a file whole or not at all)."""
+    if local.is_dir():
+        remote.mkdir(parents=True, exist_ok=True)
+        for child in sorted(local.iterdir()):
+            upload(child, remote / child.name)
+    elif local.is_file():
+        remote.write_bytes(local.read_bytes())
+
+
+def download(remote, local: Path) -> None:
+    """Copies a remote file or directory tree to `local`, each file written beside its place
+    and renamed there, so an interrupted copy never leaves a torn file."""
+    if remote.is_dir():
+        local.mkdir(parents=True, exist_ok=True)
+        for child in sorted(remote.iterdir(), key=str):
+            download(child, local / child.name)
+    elif remote.exists():
+        tmp = local.with_name(f"{local.name}.{os.getpid()}{TMP_SUFFIX}")
+        tmp.write_bytes(remote.read_bytes())
+        os.replace(tmp, local)
 
 
 def _unescape(field: str) -> str:

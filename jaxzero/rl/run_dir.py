@@ -7,6 +7,13 @@ model paths and a content hash of the prepared data) is written only once setup 
 each file atomically, so a failed start leaves nothing that blocks the corrected command.
 The main process holds an exclusive `flock` on `LOCK` for the run's lifetime; the kernel
 drops it when the holder dies, so a killed run never blocks its restart.
+
+A remote run directory (gs://, s3://, az://) is worked on through a local mirror
+(`trainer.local_dir`): everything above happens there, the main process copies the
+`MIRRORED` entries up (the identity at commit, the logs at each save and at the end), and a
+start that lacks them locally (a new machine resuming) copies them down first. Checkpoints
+and the reference go to the remote directory itself (`RunDir.durable`). The lock guards the
+mirror only: two machines must not run on one remote directory at once.
 """
 
 from __future__ import annotations
@@ -22,20 +29,29 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable
 
+import jax
+
 from jaxzero.config import files as config_files
 from jaxzero.config import schema as config_lib
 from jaxzero.errors import CheckpointError, ConfigError, DataError, JaxzeroError
-from jaxzero.io.storage import is_remote, storage_path
+from jaxzero.io.identity import CHECKPOINTS_AT, MODEL_CONFIG, TOKENIZER_DIR
+from jaxzero.io.storage import (TMP_SUFFIX, check_remote_support, download, is_remote,
+                                local_mirror, storage_path, upload)
 
 MARKER = ".jaxzero-run"
 LOCK = ".jaxzero-run.lock"
 CONFIG = "config.yaml"
 IDENTITY = "run.json"
-_TMP = ".jaxzero-tmp"  # suffix of a file being written atomically
+_TMP = TMP_SUFFIX  # suffix of a file being written atomically
 # Everything jaxzero writes into a run directory (setup, the trainer, `jaxzero plot`):
 # the only entries `--overwrite` deletes.
-OWNED = frozenset({MARKER, LOCK, CONFIG, IDENTITY, "model_config.json", "tokenizer", "data",
-                   "checkpoints", "reference", "tb", "plots"})
+OWNED = frozenset({MARKER, LOCK, CONFIG, IDENTITY, MODEL_CONFIG, TOKENIZER_DIR, "data",
+                   "checkpoints", "reference", "tb", "plots", CHECKPOINTS_AT})
+# What a remote run directory holds beside its checkpoints and reference: the identity, then
+# the logs (`LOGS`, copied up again at every save).
+LOGS = ("tb", "plots")
+MIRRORED = (MARKER, CONFIG, IDENTITY, MODEL_CONFIG, TOKENIZER_DIR, "data", CHECKPOINTS_AT,
+            *LOGS)
 
 # Keys a resumed run may change: how long it runs and how it logs, evaluates, saves and
 # exports. They cannot change the results of the steps it has taken.
@@ -43,7 +59,7 @@ RESUMABLE_KEYS = frozenset({
     "trainer.max_steps", "trainer.total_epochs", "trainer.eval_every", "trainer.save_every",
     "trainer.keep_checkpoints", "trainer.log_every", "trainer.eval_examples_logged",
     "trainer.export_hf", "data.eval_max_prompts", "trainer.async_checkpoint",
-    "trainer.preemption_grace_s", "trainer.peer_timeout_s",
+    "trainer.preemption_grace_s", "trainer.peer_timeout_s", "trainer.local_dir",
 })
 # Compared through run.json instead of as written: a path spelled `R/`, `./R` or relative to
 # another working directory is the same path, and data files are compared by content.
@@ -56,10 +72,25 @@ _MAX_NAMED = 8
 class RunDir:
     """An opened run directory; on the main process it holds the run's lock until `close`."""
 
-    def __init__(self, path: Path, lock_fd: int | None, saved: dict | None):
-        self.path = path
+    def __init__(self, path: Path, lock_fd: int | None, saved: dict | None, remote=None):
+        self.path = path  # local: the run directory, or the remote one's mirror
+        self.remote = remote  # the remote run directory (an epath.Path), or None
         self._lock_fd = lock_fd
         self._saved = saved  # run.json of the run this resumes; None for a fresh run
+
+    def durable(self, name: str):
+        """Where an entry that must outlive this machine goes (checkpoints, the reference):
+        in the remote run directory when there is one."""
+        return (self.path if self.remote is None else self.remote) / name
+
+    def push(self, names: Iterable[str] = MIRRORED) -> None:
+        """Copies these entries of the mirror up to the remote run directory (main process;
+        nothing for a local run directory)."""
+        if self.remote is None:
+            return
+        for name in names:
+            if (self.path / name).exists():
+                upload(self.path / name, self.remote / name)
 
     @property
     def is_fresh(self) -> bool:
@@ -92,6 +123,7 @@ class RunDir:
         tmp = _tmp_name(self.path / CONFIG)
         config_files.save_config(cfg, tmp)
         os.replace(tmp, self.path / CONFIG)
+        self.push(name for name in MIRRORED if name not in LOGS)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -103,29 +135,44 @@ def open_run_dir(cfg, *, resume: bool, overwrite: bool, main: bool) -> RunDir:
     """Claims `cfg.trainer.run_dir` for this run: refuses a directory jaxzero did not create,
     one another run holds, and one that holds a run of another config; `overwrite` first
     deletes what jaxzero wrote there. Only the main process writes and locks."""
-    if is_remote(cfg.trainer.run_dir):
-        raise ConfigError(
-            f"trainer.run_dir={cfg.trainer.run_dir}: the run directory must be a filesystem "
-            "path (local disk, NFS, or a bucket mounted with gcsfuse): it holds the run's "
-            "lock, config, tokenizer and TensorBoard logs. Checkpoints can go to the bucket "
-            "itself: trainer.checkpoint_dir=" + cfg.trainer.run_dir.rstrip("/") + "/checkpoints")
-    path = Path(cfg.trainer.run_dir)
+    url, remote = cfg.trainer.run_dir, None
+    if is_remote(url):
+        check_remote_support(url)
+        remote = storage_path(url)
+        path = local_mirror(url, cfg.trainer.local_dir)
+        if jax.process_count() > 1:  # a mirror per process: none copies over another's files
+            path = path / f"process-{jax.process_index()}"
+        _refuse_foreign_remote(remote)
+    else:
+        path = Path(url)
     _refuse_foreign(path)
     if overwrite and cfg.trainer.checkpoint_dir is not None:
         _refuse_old_checkpoints(cfg.trainer.checkpoint_dir)
-    if resume and not (path / CONFIG).exists():  # before a mistyped path gets created
+    if remote is None and resume and not (path / CONFIG).exists():
+        # Before a mistyped path gets created.
         raise CheckpointError(f"--resume: {path} holds no run to resume")
     lock_fd = None
     if main:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
     try:
+        if remote is not None:
+            if not overwrite:
+                _pull(remote, path)  # under the mirror's lock
+            if resume and not (path / CONFIG).exists():
+                raise CheckpointError(f"--resume: {url} holds no run to resume")
         if main and not (path / MARKER).exists():
             _write_atomic(path / MARKER, json.dumps({
                 "created_by": "jaxzero", "host": socket.gethostname(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}) + "\n")
+        if main and remote is not None and not (remote / MARKER).exists():
+            # First, so the checkpoints and reference written before the commit are seen as
+            # this run's by a restart.
+            upload(path / MARKER, remote / MARKER)
         if overwrite:
             if main:
+                if remote is not None:
+                    _clear_remote(remote)
                 _clear(path, also=_exports_inside(path, cfg))
             saved = None
         else:
@@ -133,7 +180,7 @@ def open_run_dir(cfg, *, resume: bool, overwrite: bool, main: bool) -> RunDir:
         if resume and saved is None:
             raise CheckpointError(f"--resume with --overwrite: {path} will hold no run to "
                                   "resume")
-        return RunDir(path, lock_fd, saved)
+        return RunDir(path, lock_fd, saved, remote)
     except BaseException:
         if lock_fd is not None:
             os.close(lock_fd)
@@ -159,6 +206,54 @@ def _refuse_foreign(path: Path) -> None:
                           f"{MARKER} marker) and is not empty: it holds {_names(entries)}. "
                           "jaxzero writes only into its own or empty directories; choose "
                           "another trainer.run_dir")
+
+
+def _refuse_foreign_remote(remote) -> None:
+    if not remote.exists():
+        return
+    entries = {e.name for e in remote.iterdir()}
+    if entries and MARKER not in entries:
+        raise ConfigError(f"trainer.run_dir={remote} is not a jaxzero run directory (it has no "
+                          f"{MARKER} marker) and is not empty: it holds {_names(entries)}. "
+                          "jaxzero writes only into its own or empty directories; choose "
+                          "another trainer.run_dir")
+
+
+def _pull(remote, path: Path) -> None:
+    """Makes the mirror's identity the remote run directory's (the remote is the run: a
+    mirror left from an earlier run at this URL must not stand in for it), and copies down
+    the logs the mirror lacks (a new machine resuming; logs it has are as new or newer)."""
+    if not remote.exists():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for name in MIRRORED:
+        local, there = path / name, remote / name
+        if name in LOGS:
+            if not local.exists() and there.exists():
+                download(there, local)
+            continue
+        if local.is_dir():
+            shutil.rmtree(local)
+        elif local.exists():
+            local.unlink()
+        if there.exists():
+            download(there, local)
+
+
+def _clear_remote(remote) -> None:
+    """--overwrite on a remote run directory: deletes what jaxzero wrote there (its marker
+    stays); refuses, deleting nothing, when anything else is there."""
+    if not remote.exists():
+        return
+    entries = {e.name: e for e in remote.iterdir()}
+    foreign = set(entries) - OWNED
+    if foreign:
+        raise ConfigError(f"--overwrite: {remote} holds files jaxzero did not write: "
+                          f"{_names(foreign)}; nothing was deleted. Move them out, or choose "
+                          "another trainer.run_dir")
+    for name, entry in sorted(entries.items()):
+        if name != MARKER:
+            entry.rmtree() if entry.is_dir() else entry.unlink()
 
 
 def _refuse_old_checkpoints(where: str) -> None:

@@ -24,6 +24,7 @@ from jaxzero.parallel import distributed
 from jaxzero.rl import grpo
 from jaxzero.rl import run_dir as run_dir_lib
 from jaxzero.io.checkpoint import CheckpointStore
+from jaxzero.io.identity import write_checkpoints_location, write_model_config
 from jaxzero.io.storage import non_atomic_warning, storage_path
 from jaxzero.rl.loader import PromptLoader
 from jaxzero.errors import CheckpointError, ConfigError
@@ -96,7 +97,13 @@ class RunFiles:
     @property
     def ckpt_dir(self):
         """run_dir/checkpoints, or trainer.checkpoint_dir (a Path or a remote epath.Path)."""
-        return checkpoint_dir(self.cfg, self.run_dir)
+        return self.store.directory
+
+    def push_logs(self) -> None:
+        """Copies TensorBoard's logs and the plots up to a remote run directory (main
+        process; nothing for a local one)."""
+        if self.claim is not None and distributed.is_main_process():
+            self.claim.push(run_dir_lib.LOGS)
 
     def last_good_checkpoint(self) -> str:
         """The newest committed checkpoint (a save still in flight is not one yet)."""
@@ -111,9 +118,11 @@ class RunFiles:
             log(f"exported HF model to {out_dir}")
 
 
-def checkpoint_dir(cfg, run_dir: Path):
+def checkpoint_dir(cfg, claim: run_dir_lib.RunDir):
+    """trainer.checkpoint_dir, or the run directory's checkpoints/ (the remote one's, for a
+    remote run directory)."""
     chosen = cfg.trainer.checkpoint_dir
-    return run_dir / "checkpoints" if chosen is None else storage_path(chosen)
+    return claim.durable("checkpoints") if chosen is None else storage_path(chosen)
 
 
 def _model_and_tokenizer(cfg, run_dir: Path):
@@ -229,7 +238,6 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
     identity = _model_and_tokenizer(cfg, run_dir)
     model_config, tokenizer = identity.config, identity.tokenizer
     if distributed.is_main_process():
-        from jaxzero.io.identity import write_model_config
         write_model_config(run_dir, model_config, cfg.model.param_dtype)
     task = make_task(cfg, run_dir, tokenizer)
     data_fingerprint = claim.check_data(task.sources)
@@ -254,14 +262,16 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
                                temperature=cfg.rollout.temperature)
     for line in fns.replicated:  # listed once: what the mesh cannot shard as the table asks
         log(f"sharding: {line}")
-    ckpt_dir = checkpoint_dir(cfg, run_dir)
+    ckpt_dir = checkpoint_dir(cfg, claim)
     if distributed.is_main_process():
         for where in dict.fromkeys((run_dir, ckpt_dir)):
             if (warning := non_atomic_warning(where)) is not None:
                 log(f"warning: {warning}")
+        # eval, generate and convert find the checkpoints of this dir through it.
+        write_checkpoints_location(run_dir, ckpt_dir)
     store = CheckpointStore(ckpt_dir, keep=cfg.trainer.keep_checkpoints,
                             async_save=cfg.trainer.async_checkpoint)
-    ref_store = CheckpointStore(run_dir / "reference", keep=1)
+    ref_store = CheckpointStore(claim.durable("reference"), keep=1)
     latest = store.latest_step()
     if resume and latest is None:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
@@ -305,6 +315,7 @@ def close_run(engine: Engine, files: RunFiles, *, wait_for_saves: bool = True) -
         files.store.close()
     engine.reward_worker.close()
     files.writer.close()
+    files.push_logs()
     if files.claim is not None:
         files.claim.close()
 
@@ -322,6 +333,9 @@ def save_checkpoint(run: RunFiles, state: TrainState, *, log=print, force: bool 
     if saved and distributed.is_main_process():
         background = " (writing in the background)" if run.cfg.trainer.async_checkpoint else ""
         log(f"checkpoint step {step} -> {run.ckpt_dir}/{step}{background}")
+        if run.writer is not None:
+            run.writer.flush()
+        run.push_logs()
 
 
 def _pure(tree):

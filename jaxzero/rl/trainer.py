@@ -405,6 +405,9 @@ def _summary(files: RunFiles, state: TrainState, console: Console) -> None:
     cfg = files.cfg
     lines = [f"done at step {state.step}. TensorBoard: tensorboard --logdir {files.tb_dir}",
              f"  checkpoints: {files.ckpt_dir}"]
+    if files.claim is not None and files.claim.remote is not None:
+        lines.append(f"  run directory: {files.claim.remote} (its local mirror: "
+                     f"{files.run_dir})")
     if cfg.trainer.export_hf:
         lines.append(f"  HF export: {cfg.trainer.export_hf}")
     if distributed.is_main_process() and any(files.tb_dir.glob("events.out.tfevents.*")):
@@ -412,6 +415,7 @@ def _summary(files: RunFiles, state: TrainState, console: Console) -> None:
         scalars = read_scalars(files.run_dir)
         if state.step > 0:
             written = plot_run(files.run_dir)
+            files.push_logs()
             lines.append(f"  plots: {written[0].parent} ({', '.join(p.name for p in written)})")
         acc = scalars.get("eval/accuracy", [])
         if len(acc) >= 2 and acc[0][0] == 0:

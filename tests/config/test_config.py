@@ -181,6 +181,8 @@ def test_bad_choice(tmp_path):
     ("grpo.micro_batch_tokens=1000", "grpo.micro_batch_tokens=1000: a packed row must hold the "
      "longest rollout, data.max_prompt_length + rollout.max_new_tokens = 2048"),
     ("grpo.row_width_multiple=0", "grpo.row_width_multiple=0: must be at least 1"),
+    ("trainer.local_dir=/tmp/m", "trainer.local_dir='/tmp/m': is only for a remote "
+     "trainer.run_dir"),
     ("rollout.temperature=-0.1", "rollout.temperature=-0.1"),
     ("rollout.temperature=0", "rollout.temperature=0.0: GRPO trains on sampled rollouts: "
      "greedy decoding (0) gives every response of a group the same reward"),

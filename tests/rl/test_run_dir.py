@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 from helpers import REPO
@@ -299,13 +300,89 @@ def test_restart_before_the_first_checkpoint_and_past_a_damaged_one(tmp_path):
 
 # ---------------------------------------------------------------- storage elsewhere
 
-def test_a_remote_run_dir_is_refused_naming_checkpoint_dir(committed):
-    cfg, _, model, train = committed
-    remote = _cfg("gs://bucket/runs/7b", model, train)
-    with pytest.raises(ConfigError, match=r"trainer.run_dir=gs://bucket/runs/7b: the run "
-                       r"directory must be a filesystem path .*trainer.checkpoint_dir="
-                       r"gs://bucket/runs/7b/checkpoints"):
-        rd.open_run_dir(remote, resume=False, overwrite=False, main=True)
+def test_a_remote_run_dir_resumes_on_a_new_machine_and_serves_eval(tmp_path, monkeypatch):
+    """gs:// run directory (a stand-in bucket, `helpers.fake_bucket`): the run works in a
+    local mirror and copies its identity and logs up, checkpoints and the reference go to the
+    bucket; a second machine (an empty mirror) resumes from the bucket alone; eval and convert
+    read the bucket's run by its URL."""
+    import numpy as np
+    from flax import nnx
+
+    from helpers import fake_bucket
+    from jaxzero.io import storage
+    from jaxzero.io.model_dir import checkpoints_of, load_params
+
+    bucket = fake_bucket(tmp_path / "gcs", monkeypatch)
+    url = "gs://b/runs/demo"
+    remote = bucket / "b" / "runs" / "demo"
+    run = _setup(_demo_cfg(url, f"trainer.local_dir={tmp_path / 'machine-1'}"),
+                 resume=False, overwrite=False)
+    _save(run, 2)
+    params_2 = nnx.to_pure_dict(run[2].params)
+    _close(run)
+    for name in (rd.MARKER, rd.CONFIG, rd.IDENTITY, "model_config.json", "tokenizer", "data",
+                 "checkpoints.url", "reference"):
+        assert (remote / name).exists(), name
+    assert (remote / "checkpoints" / "2").is_dir()
+    assert any((remote / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "machine-1" / "config.yaml").is_file()
+    assert (tmp_path / "machine-1" / "checkpoints.url").read_text() == f"{url}/checkpoints\n"
+    assert not (tmp_path / "machine-1" / "checkpoints").exists()
+
+    # A mirror left by another run at this URL: the bucket's identity replaces it.
+    (tmp_path / "machine-2").mkdir()
+    (tmp_path / "machine-2" / rd.MARKER).write_text("{}\n")
+    (tmp_path / "machine-2" / "config.yaml").write_text("model: {demo_layers: 7}\n")
+    lines = []
+    run = _setup(_demo_cfg(url, f"trainer.local_dir={tmp_path / 'machine-2'}"), resume=True,
+                 overwrite=False, log=lines.append)
+    assert run[2].step == 2 and f"resuming from {remote / 'checkpoints'}/2 (step 2)" in lines
+    _close(run)
+    assert (tmp_path / "machine-2" / "run.json").read_text() == \
+        (remote / "run.json").read_text()
+
+    monkeypatch.setattr(storage, "MIRRORS", tmp_path / "eval-machine")
+    assert checkpoints_of(url) == [(url, 2)]
+    _, params = load_params(url, param_dtype="float32")
+    for got, want in zip(jax.tree.leaves(nnx.to_pure_dict(params)), jax.tree.leaves(params_2)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    (remote / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"--overwrite: {url} holds files jaxzero did not "
+                                          "write: notes.txt; nothing was deleted"):
+        rd.open_run_dir(_demo_cfg(url, f"trainer.local_dir={tmp_path / 'machine-2'}"),
+                        resume=False, overwrite=True, main=True)
+    assert (remote / "checkpoints" / "2").is_dir()
+    (remote / "notes.txt").unlink()
+    claim = rd.open_run_dir(_demo_cfg(url, f"trainer.local_dir={tmp_path / 'machine-2'}"),
+                            resume=False, overwrite=True, main=True)
+    claim.close()
+    assert sorted(p.name for p in remote.iterdir()) == [rd.MARKER]
+
+
+def test_a_remote_run_dir_needs_its_filesystem_package(committed, monkeypatch):
+    _, _, model, train = committed
+    import importlib
+    fsspec_registry = importlib.import_module("fsspec.registry")  # the module, not fsspec.registry
+    monkeypatch.delitem(fsspec_registry._registry, "gs", raising=False)
+    with pytest.raises(ConfigError, match=r"gs://bucket/r: reading and writing gs:// needs "
+                                          r"the gcsfs package; pip install gcsfs"):
+        rd.open_run_dir(_cfg("gs://bucket/r", model, train), resume=False, overwrite=False,
+                        main=True)
+
+
+def test_eval_finds_checkpoints_kept_outside_the_run_dir(tmp_path):
+    """trainer.checkpoint_dir elsewhere: the run dir names them, so eval, generate and
+    convert given the run dir read them."""
+    from jaxzero.io.model_dir import checkpoints_of, load_params
+    outside = tmp_path / "elsewhere"
+    run = _setup(_demo_cfg(tmp_path / "R", f"trainer.checkpoint_dir={outside}"),
+                 resume=False, overwrite=False)
+    _save(run, 3)
+    _close(run)
+    assert (outside / "3").is_dir() and not (tmp_path / "R" / "checkpoints").exists()
+    assert checkpoints_of(tmp_path / "R") == [(str(tmp_path / "R"), 3)]
+    load_params(tmp_path / "R", param_dtype="float32")
 
 
 def test_overwrite_refuses_checkpoints_kept_outside_the_run_dir(committed, tmp_path):
