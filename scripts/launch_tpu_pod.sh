@@ -10,8 +10,9 @@
 #   PROJECT       GCP project (optional; gcloud's default otherwise)
 #   CONFIG        config file, default configs/qwen2.5-7b.yaml
 #   REPO_DIR      where jaxzero is checked out on the workers, default ~/jaxzero
-#   RUN_DIR       run directory; must be shared storage (a GCS fuse mount or NFS) so that
-#                 every worker sees the same files, e.g. /mnt/gcs/runs/qwen7b
+#   RUN_DIR       run directory: a gs://BUCKET/PATH URL (each worker works in a local mirror
+#                 of it; a new slice resumes from the bucket alone), or shared storage every
+#                 worker sees (NFS, a GCS fuse mount), e.g. gs://my-bucket/runs/qwen7b
 #   CHECKPOINT_DIR  optional gs://BUCKET/PATH for the checkpoints: orbax commits there with a
 #                 marker file, where a flat bucket's gcsfuse mount cannot rename atomically
 #   EXTRA_ARGS    further dotted overrides, e.g. "rollout.n=8 optim.lr=1e-6"
@@ -20,7 +21,7 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 CONFIG=${CONFIG:-configs/qwen2.5-7b.yaml}
 REPO_DIR=${REPO_DIR:-~/jaxzero}
-RUN_DIR=${RUN_DIR:?set RUN_DIR to shared storage visible from every worker}
+RUN_DIR=${RUN_DIR:?set RUN_DIR to a gs:// URL or shared storage visible from every worker}
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 
 ssh_all() {
@@ -30,7 +31,7 @@ ssh_all() {
 
 if [[ "${SETUP:-0}" == 1 ]]; then
   ssh_all "cd $REPO_DIR && python3 -m venv .venv && . .venv/bin/activate && \
-    pip install -U 'jax[tpu]' && pip install -e ."
+    pip install -U 'jax[tpu]' && pip install -e '.[gcs]'"
 fi
 
 ssh_all "cd $REPO_DIR && . .venv/bin/activate && \
