@@ -51,6 +51,12 @@ def parse_args(argv=None):
                         "XLA CPU's whole-cache f32 round trip on every bf16 cache write")
     p.add_argument("--skip-hardware", action="store_true",
                    help="skip the bandwidth/matmul probes (no roofline)")
+    p.add_argument("--decode-chunk", type=int, default=16,
+                   help="jaxzero: decode steps between all-stopped checks (1: a check per "
+                        "token, the sampler before issue 14)")
+    p.add_argument("--cache-block", type=int, default=128,
+                   help="jaxzero: KV cache block; each chunk reads the filled blocks only "
+                        "(0: read the whole cache every step, the sampler before issue 14)")
     p.add_argument("--mean-length", type=int, default=None,
                    help="jaxzero only: stop tokens honoured, a stop set the random model hits "
                         "~once per this many tokens (geometric lengths, benchmarks/length_mix.py)"
@@ -132,9 +138,12 @@ class JaxzeroSystem(System):
             stop_set(cfg.vocab_size, args.mean_length, avoid=0)
         self.make = lambda r: Sampler(self.graphdef, cfg, max_new_tokens=r, stop_ids=self.stops,
                                       pad_id=0, buckets=(128, 256),
-                                      cache_dtype=args.jaxzero_cache_dtype)
+                                      cache_dtype=args.jaxzero_cache_dtype,
+                                      chunk=args.decode_chunk,
+                                      cache_block=args.cache_block or None)
+        self.note = f"decode_chunk={args.decode_chunk} cache_block={args.cache_block or None}"
         if args.jaxzero_cache_dtype:
-            self.note = f"cache_dtype={args.jaxzero_cache_dtype}"
+            self.note += f" cache_dtype={args.jaxzero_cache_dtype}"
         if args.mean_length is not None:
             self.note += f" {len(self.stops)} stop ids (mean length ~{args.mean_length})"
         self.prompts, self.n, self.calls = prompts, args.n, 0

@@ -112,7 +112,7 @@ def _reference(q, k, v, allowed_BTS):
     g = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-    scores = np.where(np.asarray(allowed_BTS)[:, None], scores, -np.inf)
+    scores = np.where(np.asarray(allowed_BTS)[:, None], scores, -1e300)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     return np.einsum("bnts,bsnh->btnh", probs / probs.sum(-1, keepdims=True), v)
 
