@@ -140,8 +140,8 @@ def _hub_id(text: str, path: Path) -> str:
 
 def _remote_source(url: str) -> ModelSource:
     """A jaxzero dir at a remote URL (a remote run directory or converted model): its small
-    files are copied to its local mirror (`storage.local_mirror`), which names the remote
-    checkpoints in its CHECKPOINTS_AT; the weights are read from the remote."""
+    files are copied afresh to its local mirror (`storage.local_mirror`), which names the
+    remote checkpoints in its CHECKPOINTS_AT; the weights are read from the remote."""
     from jaxzero.io import storage
     storage.check_remote_support(url)
     remote, mirror = storage.storage_path(url), storage.local_mirror(url)
@@ -150,9 +150,9 @@ def _remote_source(url: str) -> ModelSource:
                               "jaxzero run or model directory (an HF model: download it)")
     mirror.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_CONFIG, TOKENIZER_DIR, GENERATION_CONFIG, CHECKPOINTS_AT):
-        if not (mirror / name).exists() and (remote / name).exists():
+        if (remote / name).exists():  # always: a mirror may be left from another run there
             storage.download(remote / name, mirror / name)
-    if not (mirror / CHECKPOINTS_AT).exists():
+    if not (remote / CHECKPOINTS_AT).exists():
         write_checkpoints_location(mirror, remote / CHECKPOINTS)
     return _local_source(mirror)
 
