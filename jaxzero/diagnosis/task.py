@@ -53,10 +53,9 @@ def demo_files(cfg, run_dir: Path, tokenizer) -> dict[str, Path]:
     if distributed.is_main_process():
         prepare()
     distributed.sync("demo data")
-    if not distributed.is_main_process():
-        # Its run directory is not the main process's (a remote run directory's mirror on
-        # another host): the same files, prepared here (the preparation is deterministic).
-        prepare()
+    # Nothing to do where the run directory is the main process's; a remote run directory's
+    # mirror on another host gets the same files here (the preparation is deterministic).
+    prepare()
     return files
 
 

@@ -150,8 +150,7 @@ def _remote_source(url: str) -> ModelSource:
                               "jaxzero run or model directory (an HF model: download it)")
     mirror.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_CONFIG, TOKENIZER_DIR, GENERATION_CONFIG, CHECKPOINTS_AT):
-        if (remote / name).exists():  # always: a mirror may be left from another run there
-            storage.download(remote / name, mirror / name)
+        storage.replace_from(remote / name, mirror / name)  # a mirror may be another run's
     if not (remote / CHECKPOINTS_AT).exists():
         write_checkpoints_location(mirror, remote / CHECKPOINTS)
     return _local_source(mirror)

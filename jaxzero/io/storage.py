@@ -5,6 +5,7 @@ mounts on which orbax's commit by directory rename is not atomic."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 REMOTE_SCHEMES = ("gs://", "s3://", "az://")
@@ -83,6 +84,22 @@ def download(remote, local: Path) -> None:
         tmp = local.with_name(f"{local.name}.{os.getpid()}{TMP_SUFFIX}")
         tmp.write_bytes(remote.read_bytes())
         os.replace(tmp, local)
+
+
+def remove(path: Path) -> None:
+    """Deletes a local file or directory tree, if there (a symlink itself, not its target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_from(remote, local: Path) -> None:
+    """Makes `local` a copy of the remote file or tree; deletes it where the remote has
+    none (a mirror must not keep what its source no longer has)."""
+    remove(local)
+    if remote.exists():
+        download(remote, local)
 
 
 def _unescape(field: str) -> str:

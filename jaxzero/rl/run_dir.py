@@ -10,9 +10,10 @@ drops it when the holder dies, so a killed run never blocks its restart.
 
 A remote run directory (gs://, s3://, az://) is worked on through a local mirror
 (`trainer.local_dir`): everything above happens there, the main process copies the
-`MIRRORED` entries up (the identity at commit, the logs at each save and at the end), and a
-start that lacks them locally (a new machine resuming) copies them down first. Checkpoints
-and the reference go to the remote directory itself (`RunDir.durable`). The lock guards the
+`MIRRORED` entries up (the identity at commit, the logs at each save and at the end), and
+every start first copies the identity down (the remote is the run) and the logs the mirror
+lacks (a new machine resuming). Checkpoints and the reference go to the remote directory
+itself (`RunDir.durable`). The lock guards the
 mirror only: two machines must not run on one remote directory at once.
 """
 
@@ -24,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,7 +36,7 @@ from jaxzero.config import schema as config_lib
 from jaxzero.errors import CheckpointError, ConfigError, DataError, JaxzeroError
 from jaxzero.io.identity import CHECKPOINTS_AT, MODEL_CONFIG, TOKENIZER_DIR
 from jaxzero.io.storage import (TMP_SUFFIX, check_remote_support, download, is_remote,
-                                local_mirror, storage_path, upload)
+                                local_mirror, remove, replace_from, storage_path, upload)
 
 MARKER = ".jaxzero-run"
 LOCK = ".jaxzero-run.lock"
@@ -200,22 +200,27 @@ def _refuse_foreign(path: Path) -> None:
         return
     if not path.is_dir():
         raise ConfigError(f"trainer.run_dir={path}: exists and is not a directory")
-    entries = {e for e in os.listdir(path) if e != LOCK and not e.endswith(_TMP)}
+    _refuse_unmarked(path, {e for e in os.listdir(path) if e != LOCK and not e.endswith(_TMP)})
+
+
+def _refuse_foreign_remote(remote) -> None:
+    if remote.exists():
+        _refuse_unmarked(remote, {e.name for e in remote.iterdir()})
+
+
+def _refuse_unmarked(where, entries: set[str]) -> None:
     if entries and MARKER not in entries:
-        raise ConfigError(f"trainer.run_dir={path} is not a jaxzero run directory (it has no "
+        raise ConfigError(f"trainer.run_dir={where} is not a jaxzero run directory (it has no "
                           f"{MARKER} marker) and is not empty: it holds {_names(entries)}. "
                           "jaxzero writes only into its own or empty directories; choose "
                           "another trainer.run_dir")
 
 
-def _refuse_foreign_remote(remote) -> None:
-    if not remote.exists():
-        return
-    entries = {e.name for e in remote.iterdir()}
-    if entries and MARKER not in entries:
-        raise ConfigError(f"trainer.run_dir={remote} is not a jaxzero run directory (it has no "
-                          f"{MARKER} marker) and is not empty: it holds {_names(entries)}. "
-                          "jaxzero writes only into its own or empty directories; choose "
+def _refuse_foreign_files(where, foreign: set[str]) -> None:
+    """--overwrite deletes nothing where anything jaxzero did not write is there."""
+    if foreign:
+        raise ConfigError(f"--overwrite: {where} holds files jaxzero did not write: "
+                          f"{_names(foreign)}; nothing was deleted. Move them out, or choose "
                           "another trainer.run_dir")
 
 
@@ -228,15 +233,9 @@ def _pull(remote, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for name in MIRRORED:
         local, there = path / name, remote / name
-        if name in LOGS:
-            if not local.exists() and there.exists():
-                download(there, local)
-            continue
-        if local.is_dir():
-            shutil.rmtree(local)
-        elif local.exists():
-            local.unlink()
-        if there.exists():
+        if name not in LOGS:
+            replace_from(there, local)
+        elif not local.exists() and there.exists():
             download(there, local)
 
 
@@ -246,11 +245,7 @@ def _clear_remote(remote) -> None:
     if not remote.exists():
         return
     entries = {e.name: e for e in remote.iterdir()}
-    foreign = set(entries) - OWNED
-    if foreign:
-        raise ConfigError(f"--overwrite: {remote} holds files jaxzero did not write: "
-                          f"{_names(foreign)}; nothing was deleted. Move them out, or choose "
-                          "another trainer.run_dir")
+    _refuse_foreign_files(remote, set(entries) - OWNED)
     for name, entry in sorted(entries.items()):
         if name != MARKER:
             entry.rmtree() if entry.is_dir() else entry.unlink()
@@ -302,18 +297,10 @@ def _clear(path: Path, also: set[str]) -> None:
     entries = set(os.listdir(path))
     owned = OWNED | also
     # Half-written files of jaxzero's atomic writes (its own, io.identity's `NAME.tmp`).
-    foreign = {e for e in entries if e not in owned and not e.endswith(_TMP)
-               and not (e.endswith(".tmp") and e[:-len(".tmp")] in owned)}
-    if foreign:
-        raise ConfigError(f"--overwrite: {path} holds files jaxzero did not write: "
-                          f"{_names(foreign)}; nothing was deleted. Move them out, or choose "
-                          "another trainer.run_dir")
+    _refuse_foreign_files(path, {e for e in entries if e not in owned and not e.endswith(_TMP)
+                                 and not (e.endswith(".tmp") and e[:-len(".tmp")] in owned)})
     for name in sorted(entries - {MARKER, LOCK}):
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+        remove(path / name)
 
 
 # ---------------------------------------------------------------- identity
