@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 from jaxzero.errors import ConfigError
 
@@ -19,36 +19,52 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="per-device memory of a run, compiled ahead of time",
-                       description="Compile the train step and the sampler for the config's "
-                       "batch and lengths on abstract inputs (no weights allocated) and print "
-                       "per-device memory. On CPU, --devices N plans for N simulated devices.")
+    p = sub.add_parser(
+        "plan", help="every phase of a step compiled ahead of time: memory, fit, roofline",
+        description="Compile the update, the log-prob pass, the prefill and the decode loop for "
+        "the config's batch and lengths on abstract inputs (no weights allocated, nothing run) "
+        "and print each phase's per-device memory, computed and by XLA. --target tpu:TOPOLOGY "
+        "compiles with XLA:TPU for a TPU slice that need not be attached (pip install "
+        "'jaxzero[tpu]'), says whether the run fits the chip's HBM and gives roofline bounds "
+        "from XLA's cost model.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--target", help="what to compile for: tpu:v5e:4x4, tpu:v5p:2x2x1, "
+                   "tpu:v6e:2x4, tpu:v4:2x2x1, ... or cpu:N (N simulated CPU devices; default: "
+                   "this machine's devices)")
     p.add_argument("--mesh", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
-    p.add_argument("--devices", type=int, help="plan for N simulated CPU devices")
-    p.add_argument("--device-memory-gib", type=float, default=80.0,
-                   help="memory of one accelerator, to say whether it fits")
+    p.add_argument("--devices", type=int, help="plan for N simulated CPU devices (= --target cpu:N)")
+    p.add_argument("--device-memory-gib", type=float,
+                   help="memory of one device, to say whether it fits (default: the TPU chip's "
+                   "HBM; 80 on other targets)")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
-    if args.devices:
-        # Simulated CPU devices must be requested before jax is imported.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}")
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    from jaxzero.parallel.target import (device_peaks, devices_per_host, parse_target,
+                                         prepare_environment, target_devices)
+    if args.target and args.devices:
+        raise ConfigError("give --target or --devices, not both")
+    spec = parse_target(args.target or f"cpu:{args.devices}") if (args.target or args.devices) \
+        else None
+    if spec is not None:
+        prepare_environment(spec)  # before jax is imported
     import jax
 
     from jaxzero.config.files import load_config
     from jaxzero.io.identity import run_architecture
+    from jaxzero.model.attention import resolve_attention
     from jaxzero.parallel.sharding import make_mesh
     from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
     cfg = load_config(args.config, args.overrides)
     mesh_sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     if args.mesh:
         mesh_sizes.update(parse_mesh(args.mesh))
-    mesh = make_mesh(**mesh_sizes)
+    devices = target_devices(spec) if spec is not None else jax.devices()
+    mesh = make_mesh(**mesh_sizes, devices=devices)
+    platform = devices[0].platform
+    chip = device_peaks(spec, devices) if spec is not None else None
+    memory_gib = args.device_memory_gib or (chip.hbm_bytes / 2 ** 30 if chip else 80.0)
     model_config = run_architecture(cfg.model)
     inputs = PlanInputs(
         prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
@@ -59,11 +75,11 @@ def run(args) -> None:
         rollout_micro_batch=cfg.rollout.micro_batch, decode_layout=cfg.rollout.decode_layout,
         decode_chunk=cfg.rollout.decode_chunk, cache_block=cfg.rollout.cache_block,
         cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        micro_batch_tokens=cfg.grpo.micro_batch_tokens)
-    report = plan_memory(model_config, inputs, mesh,
-                         device_bytes=int(args.device_memory_gib * 2 ** 30))
-    print(format_report(cfg.model.path or "demo model", report, inputs,
-                        args.device_memory_gib))
-    print(f"  ({jax.device_count()} {jax.devices()[0].platform} devices seen; on CPU the "
-          "temporaries are XLA:CPU's, which fuses differently from GPU/TPU, so treat them "
-          "as an estimate)")
+        micro_batch_tokens=cfg.grpo.micro_batch_tokens,
+        attention=resolve_attention(cfg.model.attention, platform, cfg.model.compute_dtype),
+        updates_per_step=cfg.grpo.updates_per_step)
+    report = plan_memory(model_config, inputs, mesh, device_bytes=int(memory_gib * 2 ** 30),
+                         host_devices=devices_per_host(devices))
+    if chip is not None and args.device_memory_gib:
+        chip = dataclasses.replace(chip, hbm_bytes=int(memory_gib * 2 ** 30))
+    print(format_report(cfg.model.path or "demo model", report, inputs, chip, memory_gib))

@@ -232,6 +232,19 @@ class SamplerLoop:
             return self._decode(self._model(params), cache, logits_BV, positions_B, key,
                                 sampling)
 
+    @functools.partial(jax.jit, static_argnames=("self", "read"), donate_argnames=("cache",))
+    def step(self, params, cache: KVCache, tokens_B, positions_B, key, sampling: SamplingParams,
+             read: int) -> tuple[jax.Array, KVCache]:
+        """One decode step on its own, as the loop's body runs it (the cache's first `read`
+        slots read): the sampled tokens [B] and the cache. The loop never calls it; it is
+        what one token costs, for the planner's cost model."""
+        with self._mesh_context():
+            live_B = jnp.ones(tokens_B.shape, jnp.bool_)
+            logits_BV, cache = _next_logits(self._model(params), cache, tokens_B, live_B,
+                                            positions_B, read)
+            tok_B, _ = sample_token(logits_BV, key, sampling, self.strategy)
+            return tok_B, self._pin_cache(cache)
+
     def _decode(self, model, cache, logits_BV, positions_B, key, sampling) -> Decoded:
         config, shd = self.config, self.sharding
         b, r, w = logits_BV.shape[0], config.max_new_tokens, config.chunk_steps
@@ -256,11 +269,10 @@ class SamplerLoop:
 
         def token_step(read: int):
             def body(_, s: DecodeState) -> DecodeState:
-                last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)
-                positions_B1 = (positions_B + s.step - 1)[:, None]
-                logits_B1V, cache = model(last_B1, ~s.done_B[:, None], positions_B1, s.cache,
-                                          read_slots=read)
-                return record(s, logits_B1V[:, 0], cache)
+                last_B = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)[:, 0]
+                logits_BV, cache = _next_logits(model, s.cache, last_B, ~s.done_B,
+                                                positions_B + s.step - 1, read)
+                return record(s, logits_BV, cache)
             return body
 
         # One branch per cache prefix: a chunk's steps read the blocks it can have written by
@@ -285,6 +297,14 @@ class SamplerLoop:
         return Decoded(tokens_BR=rows(end.tokens_BR[:, :r]), mask_BR=rows(mask_BR),
                        logprobs_BR=rows(end.logprobs_BR[:, :r]), lengths_B=rows(end.lengths_B),
                        stopped_B=rows(end.done_B), cache=self._pin_cache(end.cache))
+
+
+def _next_logits(model, cache: KVCache, tokens_B, live_B, positions_B, read: int):
+    """The float32 logits [B, V] after one more token per row, and the cache it is written to
+    (the first `read` slots read)."""
+    logits_B1V, cache = model(tokens_B[:, None], live_B[:, None], positions_B[:, None], cache,
+                              read_slots=read)
+    return logits_B1V[:, 0], cache
 
 
 # ----------------------------------------------------------------------------- host API

@@ -1,22 +1,27 @@
-"""Memory planner: per-device memory of a run, from ahead-of-time compilation on abstract inputs.
+"""Planner: every phase of a GRPO step compiled ahead of time on abstract inputs, for this
+machine's devices or a TPU topology (`parallel.target`), with per-device memory and roofline
+bounds.
 
-Nothing is allocated: the model, optimizer state and batch are `jax.ShapeDtypeStruct`s with
-their shardings, and the train step and the sampler's whole decode loop (on the rollout's
-decode copy and layout) are lowered and compiled for the mesh. Parameter, optimizer,
-reference, decode-copy and KV-cache sizes are computed from shapes and shardings; the train
-step's and sampler's temporaries (activations, gradients, logits) come from XLA's compiled
-memory analysis of the per-device program.
+Nothing is allocated and nothing runs: the model, optimizer state and batch are
+`jax.ShapeDtypeStruct`s with their shardings, and the update, the log-prob pass, the prefill,
+the whole decode loop and single decode steps (on the rollout's decode copy and layout) are
+lowered and compiled for the mesh. Each phase's per-device peak is counted twice: from shapes
+and shardings (resident state plus the activations the phase needs) and from XLA's memory
+analysis of the compiled program (plus the state resident outside it). XLA's cost model
+(FLOPs, bytes accessed) with the chip's public peaks gives each phase's roofline lower bound.
 
-XLA:CPU's memory analysis does not reflect rematerialisation (its figure is the same with and
-without `jax.checkpoint`), so the planner also counts the train step's activations from shapes
-(`train_activations`), remat-aware: on CPU that computed figure is the one to trust for GPU and
-TPU, and XLA's is an upper bound.
+On a TPU target XLA:TPU's figures are the compiler's own for the real chip and the plan goes
+by them. XLA:CPU's memory analysis ignores rematerialisation (its figure is the same with and
+without `jax.checkpoint`) and fuses unlike GPUs and TPUs, so on CPU the computed figures are
+the ones to trust.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,7 @@ from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.sampler import Sampler, decode_model
 from jaxzero.model.sampling import Sampled, SamplingParams
+from jaxzero.parallel.target import Chip
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, batch_sharding,
                                        bytes_per_device, choose_decode_layout, decode_table,
                                        param_shardings)
@@ -59,6 +65,8 @@ class PlanInputs:
     top_k: int = 0
     top_p: float = 1.0
     micro_batch_tokens: int | None = None   # packed rows of this many tokens (grpo's)
+    attention: str = "einsum"               # model.attention resolved for the target backend
+    updates_per_step: int = 1
 
     def train_rows(self, shards: int) -> tuple[int, int]:
         """(sequences, tokens) of one row of a micro-batch on one device, at the widest: a
@@ -67,32 +75,6 @@ class PlanInputs:
             return 1, self.micro_batch_tokens
         return (math.ceil(self.prompts_per_step * self.n / shards / self.micro_batches),
                 self.prompt_len + self.response_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanReport:
-    devices: int
-    mesh: dict[str, int]
-    params: int             # computed
-    opt_state: int          # computed
-    reference: int          # computed
-    decode_copy: int        # computed: the rollout's copy of the policy (compute dtype)
-    decode_layout: str      # the copy's layout (rollout.decode_layout resolved)
-    kv_cache: int           # computed
-    train_activations: int  # computed: activations, logits chunk, gradients (remat-aware)
-    train_temp: int         # XLA memory analysis of the update
-    train_peak: int         # arguments + outputs - aliased + temporaries of the update (XLA)
-    sampler_temp: int       # XLA memory analysis of the whole decode loop
-    logprob_activations: int  # computed: one micro-batch of a log-prob pass, forward only
-    logprob_temp: int       # XLA memory analysis of a log-prob pass (reference or old)
-    total_train_phase: int      # computed: params + optimizer + reference + activations
-    total_rollout_phase: int
-    total_logprob_phase: int    # computed: params + optimizer + reference + its activations
-    xla_train_phase: int        # XLA's figure for the same phase
-
-    @property
-    def peak(self) -> int:
-        return max(self.total_train_phase, self.total_rollout_phase, self.total_logprob_phase)
 
 
 def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
@@ -141,61 +123,206 @@ def _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk):
     return scores + internals, seqs * logit_chunk * config.vocab_size / tp * 4
 
 
-def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
-             device_bytes: int | None) -> tuple[int, int, int, str]:
-    """The rollout phase as the trainer runs it: its decode copy's and KV cache's bytes per
-    device, the compiled decode loop's temporaries, and the copy's layout."""
-    compute = jnp.dtype(inputs.compute_dtype)
-    layout = choose_decode_layout(inputs.decode_layout, config.num_params() * compute.itemsize,
-                                  device_bytes, mesh, jax.local_device_count())
-    table = decode_table(layout)
-    sampler = Sampler(decode_model(config, options, table), config, mesh=mesh,
-                      max_new_tokens=inputs.response_len, stop_ids=(), pad_id=0,
-                      buckets=(inputs.prompt_len,), cache_dtype=inputs.cache_dtype,
-                      sharding=table, param_dtype=compute.name, chunk=inputs.decode_chunk,
-                      cache_block=inputs.cache_block)
-    _, abstract = abstract_model(config, options)
-    copy = abstract_on(jax.eval_shape(lambda t: jax.tree.map(lambda x: x.astype(compute), t),
-                                      abstract), param_shardings(abstract, mesh, table))
-    rows = inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n
-    slots = sampler.config.cache_slots(inputs.prompt_len)
-    cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(
-        config, rows, slots, jnp.dtype(inputs.cache_dtype or compute))),
-        KVCache.shardings(config, mesh, table))
-    rows_B = batch_sharding(mesh, 1, table)
-    loop = sampler.loop(inputs.n, Sampled(top_k=inputs.top_k > 0, top_p=inputs.top_p < 1))
-    decode = loop.decode.lower(
-        loop, copy, cache,
-        jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32,
-                             sharding=batch_sharding(mesh, 2, table)),
-        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_B), jax.random.key(0),
-        SamplingParams.make(1.0, inputs.top_p, inputs.top_k)).compile().memory_analysis()
-    return (bytes_per_device(copy, jax.tree.map(lambda x: x.sharding, copy)),
-            bytes_per_device(cache, jax.tree.map(lambda x: x.sharding, cache)),
-            int(decode.temp_size_in_bytes), layout)
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Per-device work of one call of a compiled program, from XLA's cost model."""
+
+    flops: float
+    bytes_accessed: float
+
+    @classmethod
+    def of(cls, compiled) -> "Cost":
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        return cls(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
+
+    def scaled(self, factor: float) -> "Cost":
+        return Cost(self.flops * factor, self.bytes_accessed * factor)
+
+    def bound_s(self, chip: Chip) -> float:
+        """Roofline lower bound: the slower of compute at the chip's bf16 peak and HBM
+        traffic at its bandwidth."""
+        return max(self.flops / chip.bf16_flops, self.bytes_accessed / chip.hbm_bandwidth)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a step at its per-device memory peak: what stays resident (policy,
+    optimizer state, reference and, in the rollout, the decode copy and KV cache) plus the
+    compiled program's own needs, counted two ways."""
+
+    name: str
+    computed: int       # from shapes and shardings
+    xla: int            # resident state outside the program + its arguments, outputs - aliased
+                        # and temporaries, from XLA's memory analysis
+    cost: Cost          # one call (the decode phase: one whole rollout call)
+    calls: int          # calls per step
+    knob: str           # what to change when it does not fit
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    platform: str       # what XLA compiled for: "cpu" or "tpu"
+    devices: int
+    mesh: dict[str, int]
+    params: int             # computed
+    opt_state: int          # computed
+    reference: int          # computed
+    decode_copy: int        # computed: the rollout's copy of the policy (compute dtype)
+    decode_layout: str      # the copy's layout (rollout.decode_layout resolved)
+    kv_cache: int           # computed
+    phases: tuple[Phase, ...]
+    decode_token: Cost      # one decode step at the mean cache prefix read
+    decode_hbm_bytes: int   # what one decode step must read: the copy and the mean cache prefix
+    compile_s: float
+    # The compiled programs by name (update, log-prob pass, prefill, decode loop, decode
+    # step), for reading their HLO.
+    programs: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False,
+                                                 compare=False)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def planned(self, phase: Phase) -> int:
+        """The figure the plan goes by: XLA:TPU's own on a TPU target (the compiler's memory
+        analysis of the real chip's program), the computed one on CPU, whose XLA ignores
+        remat and fuses differently from GPUs and TPUs."""
+        return phase.xla if self.platform == "tpu" else phase.computed
+
+    @property
+    def peak(self) -> int:
+        return max(self.planned(p) for p in self.phases)
+
+    @property
+    def resident(self) -> int:
+        return self.params + self.opt_state + self.reference
+
+
+KNOBS = {
+    "update": "raise grpo.micro_batches (or lower grpo.micro_batch_tokens), set model.remat: "
+              "block, or raise mesh.tensor",
+    "log-prob pass": "raise grpo.micro_batches (or lower grpo.micro_batch_tokens)",
+    "prefill": "set rollout.micro_batch (fewer rows per sampler call) or "
+               "rollout.decode_layout: tensor",
+    "decode loop": "set rollout.micro_batch (fewer rows per sampler call), "
+                   "rollout.cache_dtype, or rollout.decode_layout: tensor",
+}
+
+
+def _memory(compiled) -> int:
+    """Per-device bytes a compiled program holds at its peak: arguments + outputs - aliased
+    (donated) + temporaries."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def _argument_bytes(compiled) -> int:
+    return int(compiled.memory_analysis().argument_size_in_bytes)
+
+
+def rows_per_device(rows: int, mesh: Mesh, table: ShardingConfig) -> int:
+    return batch_sharding(mesh, 1, table).shard_shape((rows,))[0]
+
+
+def prefill_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                        table: ShardingConfig, prompts: int) -> int:
+    """Per-device bytes a prefill needs beyond the decode copy and the grown cache, from
+    shapes: the prompts' own cache (before it grows and is repeated n times), one block's
+    forward internals over the prompt (the heads and MLP split over the devices the rows are
+    not), its attention scores and probabilities in float32 (none with splash), and the last
+    position's float32 logits before and after the repeat."""
+    cb = np.dtype(inputs.cache_dtype or inputs.compute_dtype).itemsize
+    p, t = rows_per_device(prompts, mesh, table), inputs.prompt_len
+    split = mesh.size * p / prompts
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    n, k = config.num_attention_heads, config.num_key_value_heads
+    prompt_cache = 2 * config.num_hidden_layers * p * t * k * h * cb
+    internals = p * t * (2 * d + ((n + 2 * k) * h + 2 * f) / split) * cb
+    scores = 0 if inputs.attention == "splash" else 2 * p * n / split * t * t * 4
+    logits = (p + p * inputs.n) * config.vocab_size * 4
+    return int(prompt_cache + internals + scores + logits)
+
+
+def decode_temporaries(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                       table: ShardingConfig, rows: int, slots: int) -> int:
+    """Per-device bytes the decode loop needs beyond the copy and the cache, from shapes:
+    the float32 logits of a step with the sampler's working copies of them, the loop state
+    (tokens and log-probs of every step), and one layer's attention scores."""
+    b = rows_per_device(rows, mesh, table)
+    logits = 3 * b * config.vocab_size * 4
+    state = b * (inputs.response_len + inputs.decode_chunk) * 8
+    scores = b * config.num_attention_heads * slots * 4
+    return int(logits + state + scores)
 
 
 def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
-                sharding: ShardingConfig = FSDP_TP,
-                device_bytes: int | None = None) -> PlanReport:
-    """`device_bytes`: one device's memory, for rollout.decode_layout auto (None: as the CPU
-    reports, none)."""
+                sharding: ShardingConfig = FSDP_TP, device_bytes: int | None = None,
+                host_devices: int | None = None) -> PlanReport:
+    """Compiles every phase of a step for `mesh` (whatever its devices: this machine's, or a
+    TPU topology's, compiled deviceless) and counts its per-device memory.
+
+    `device_bytes`: one device's memory, for rollout.decode_layout auto (None: as the CPU
+    reports, none); `host_devices`: devices per host, the span a tensor decode layout may take
+    (None: this process's)."""
+    started = time.perf_counter()
     options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
                            compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
-                           sharding=sharding)
+                           sharding=sharding, attention=inputs.attention)
     graphdef, abstract = abstract_model(config, options)
     optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
                                grad_clip=1.0)
-    loss_config = grpo.LossConfig(use_kl_loss=inputs.use_kl)
-    fns = build_step_functions(graphdef, abstract, optimizer, loss_config, mesh,
+    fns = build_step_functions(graphdef, abstract, optimizer,
+                               grpo.LossConfig(use_kl_loss=inputs.use_kl), mesh,
                                response_len=inputs.response_len,
                                micro_batches=inputs.micro_batches, sharding=sharding)
     params = abstract_on(abstract, fns.param_shardings)
     opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    update, logprobs = _train_programs(fns, params, opt, inputs, mesh)
+
+    p_bytes = bytes_per_device(abstract, fns.param_shardings)
+    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
+    ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
+    resident = p_bytes + o_bytes + ref_bytes
+    rollout = _rollout(config, inputs, options, mesh, device_bytes,
+                       host_devices or jax.local_device_count())
+
+    train_acts = train_activations(config, inputs, mesh, p_bytes)
+    # The update's arguments are the policy, its optimizer state and the batch; the log-prob
+    # pass's the policy (or the reference) and the batch; the rest stays resident.
+    rows = inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n
+    calls = math.ceil(inputs.prompts_per_step * inputs.n / rows)
+    passes = int(inputs.use_kl) + int(inputs.updates_per_step > 1)
+    rollout_resident = resident + rollout.copy + rollout.kv
+    phases = (
+        Phase("update", resident + train_acts, ref_bytes + _memory(update), Cost.of(update),
+              inputs.updates_per_step, KNOBS["update"]),
+        Phase("log-prob pass", resident + logprob_activations(config, inputs, mesh),
+              o_bytes + ref_bytes + _memory(logprobs), Cost.of(logprobs), passes,
+              KNOBS["log-prob pass"]),
+        Phase("prefill", rollout_resident + rollout.prefill_acts,
+              resident + _memory(rollout.prefill), Cost.of(rollout.prefill), calls,
+              KNOBS["prefill"]),
+        Phase("decode loop", rollout_resident + rollout.decode_temps,
+              resident + _memory(rollout.decode), rollout.token.scaled(inputs.response_len),
+              calls, KNOBS["decode loop"]),
+    )
+    return PlanReport(
+        platform=mesh.devices.flat[0].platform, devices=mesh.size, mesh=dict(mesh.shape),
+        params=p_bytes, opt_state=o_bytes, reference=ref_bytes, decode_copy=rollout.copy,
+        decode_layout=rollout.layout, kv_cache=rollout.kv, phases=phases,
+        decode_token=rollout.token, decode_hbm_bytes=rollout.hbm_bytes,
+        compile_s=time.perf_counter() - started,
+        programs={"update": update, "log-prob pass": logprobs, "prefill": rollout.prefill,
+                  "decode loop": rollout.decode, "decode step": rollout.step})
+
+
+def _train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
+    """The compiled update and log-prob pass at their widest: the padded batch (a trimmed one
+    is no wider), or every packed micro-batch the layout may use."""
     b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
     r, f32, i32 = inputs.response_len, jnp.float32, jnp.int32
-    # The update and a log-prob pass at their widest: the padded batch (a trimmed one is no
-    # wider), or every packed micro-batch the layout may use.
     if inputs.micro_batch_tokens is None:
         batch = abstract_on(TrainBatch(
             tokens_BT=jax.ShapeDtypeStruct((b, t), i32),
@@ -215,68 +342,146 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                            fns.row_loss_shardings)
         update = fns.row_update.lower(params, opt, rows, loss)
         logprobs = fns.row_logprobs.lower(params, rows)
-    stats = update.compile().memory_analysis()
-    logprob_temp = int(logprobs.compile().memory_analysis().temp_size_in_bytes)
-    train_temp = int(stats.temp_size_in_bytes)
-    train_peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-                     - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+    return update.compile(), logprobs.compile()
 
-    p_bytes = bytes_per_device(abstract, fns.param_shardings)
-    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
-    ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
-    ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
 
-    copy_bytes, kv_bytes, sampler_temp, layout = _rollout(config, inputs, options, mesh,
-                                                         device_bytes)
-    activations = train_activations(config, inputs, mesh, p_bytes)
-    lp_activations = logprob_activations(config, inputs, mesh)
-    return PlanReport(
-        devices=mesh.size, mesh=dict(mesh.shape), params=p_bytes, opt_state=o_bytes,
-        reference=ref_bytes, decode_copy=copy_bytes, decode_layout=layout, kv_cache=kv_bytes,
-        train_activations=activations,
-        train_temp=train_temp, train_peak=train_peak, sampler_temp=sampler_temp,
-        logprob_activations=lp_activations, logprob_temp=logprob_temp,
-        total_train_phase=p_bytes + o_bytes + ref_bytes + activations,
-        total_rollout_phase=p_bytes + o_bytes + ref_bytes + copy_bytes + kv_bytes + sampler_temp,
-        total_logprob_phase=p_bytes + o_bytes + ref_bytes + lp_activations,
-        xla_train_phase=train_peak + ref_bytes)
+class _Rollout(NamedTuple):
+    copy: int               # computed bytes of the decode copy
+    kv: int                 # computed bytes of the KV cache
+    layout: str
+    prefill: Any            # compiled
+    decode: Any             # compiled whole decode loop
+    token: Cost             # one step at the mean read prefix
+    step: Any               # compiled decode step at the last prefix
+    hbm_bytes: int          # the copy plus the mean cache prefix, per device
+    prefill_acts: int       # computed
+    decode_temps: int       # computed
+
+
+def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
+             device_bytes: int | None, host_devices: int) -> _Rollout:
+    """The rollout phase as the trainer runs it, on its decode copy and layout: the compiled
+    prefill, decode loop and single decode steps (at the first and last cache prefix a chunk
+    reads: a step's cost is linear in the prefix), and the copy's and cache's bytes."""
+    compute = jnp.dtype(inputs.compute_dtype)
+    layout = choose_decode_layout(inputs.decode_layout, config.num_params() * compute.itemsize,
+                                  device_bytes, mesh, host_devices)
+    table = decode_table(layout)
+    sampler = Sampler(decode_model(config, options, table), config, mesh=mesh,
+                      max_new_tokens=inputs.response_len, stop_ids=(), pad_id=0,
+                      buckets=(inputs.prompt_len,), cache_dtype=inputs.cache_dtype,
+                      sharding=table, param_dtype=compute.name, chunk=inputs.decode_chunk,
+                      cache_block=inputs.cache_block)
+    _, abstract = abstract_model(config, options)
+    copy = abstract_on(jax.eval_shape(lambda t: jax.tree.map(lambda x: x.astype(compute), t),
+                                      abstract), param_shardings(abstract, mesh, table))
+    rows = inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n
+    prompts = rows // inputs.n
+    slots = sampler.config.cache_slots(inputs.prompt_len)
+    cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(
+        config, rows, slots, jnp.dtype(inputs.cache_dtype or compute))),
+        KVCache.shardings(config, mesh, table))
+    rows_B, rows_BT = batch_sharding(mesh, 1, table), batch_sharding(mesh, 2, table)
+    strategy = Sampled(top_k=inputs.top_k > 0, top_p=inputs.top_p < 1)
+    loop = sampler.loop(inputs.n, strategy)
+    sampling = SamplingParams.make(1.0, inputs.top_p, inputs.top_k)
+    key, positions = jax.random.key(0), jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_B)
+    prompt = jax.ShapeDtypeStruct((prompts, inputs.prompt_len), jnp.int32, sharding=rows_BT)
+    prefill_loop = sampler.loop(inputs.n)  # the prefill does not sample (one compile for all)
+    prefill = prefill_loop.prefill.lower(
+        prefill_loop, copy, prompt, jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=rows_BT)).compile()
+    decode = loop.decode.lower(
+        loop, copy, cache, jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32,
+                                                sharding=rows_BT),
+        positions, key, sampling).compile()
+    prefixes = sampler.config.read_prefixes(slots)
+    first, last = (loop.step.lower(loop, copy, cache, positions, positions, key, sampling,
+                                   read).compile() for read in (prefixes[0], prefixes[-1]))
+    token = Cost.of(first).scaled(0.5)
+    token = Cost(token.flops + Cost.of(last).flops / 2,
+                 token.bytes_accessed + Cost.of(last).bytes_accessed / 2)
+    copy_bytes = bytes_per_device(copy, jax.tree.map(lambda x: x.sharding, copy))
+    kv_bytes = bytes_per_device(cache, jax.tree.map(lambda x: x.sharding, cache))
+    mean_read = (inputs.prompt_len + slots) / 2 / slots  # the share of the cache a step reads
+    return _Rollout(copy_bytes, kv_bytes, layout, prefill, decode, token, last,
+                    int(copy_bytes + mean_read * kv_bytes),
+                    prefill_activations(config, inputs, mesh, table, prompts),
+                    decode_temporaries(config, inputs, mesh, table, rows, slots))
 
 
 def format_report(name: str, report: PlanReport, inputs: PlanInputs,
-                  device_memory_gib: float | None = None) -> str:
-    g = lambda x: f"{x / GiB:8.2f} GiB"
+                  chip: Chip | None = None, device_memory_gib: float | None = None) -> str:
+    """The plan as text: resident state, each phase's peak computed and by XLA, whether it
+    fits (the chip's HBM, or `device_memory_gib`) and, with a chip, roofline bounds."""
+    g = lambda x: f"{x / GiB:7.2f} GiB"
+    xla = "XLA:TPU" if report.platform == "tpu" else "XLA:CPU"
     lines = [
-        f"memory plan for {name}: {report.devices} devices, mesh {report.mesh}",
+        f"plan for {name}: {report.devices} {report.platform} devices, mesh {report.mesh}"
+        + (f", {chip.name} ({chip.hbm_bytes / GiB:g} GiB HBM per device)" if chip else ""),
         f"  batch {inputs.prompts_per_step} prompts x {inputs.n} rollouts, prompt "
         f"{inputs.prompt_len} + response {inputs.response_len} tokens, "
         + (f"{inputs.micro_batches} micro-batches" if inputs.micro_batch_tokens is None else
            f"packed micro-batches of {inputs.micro_batch_tokens} tokens per device")
-        + f", remat {'block' if inputs.remat else 'none'}, "
-        f"params {inputs.param_dtype}, compute {inputs.compute_dtype}",
-        "  per device                          source",
-        f"  parameters              {g(report.params)}   computed from shapes and shardings",
-        f"  optimizer state (Adam)  {g(report.opt_state)}   computed",
-        f"  reference model         {g(report.reference)}   computed ({inputs.ref_dtype})",
-        f"  rollout copy of policy  {g(report.decode_copy)}   computed ({inputs.compute_dtype}, "
-        f"{report.decode_layout})",
-        f"  KV cache (rollouts)     {g(report.kv_cache)}   computed",
-        f"  train activations+grads {g(report.train_activations)}   computed from shapes "
-        "(remat-aware)",
-        f"  train step temporaries  {g(report.train_temp)}   XLA memory analysis "
-        "(on CPU it ignores remat: an upper bound)",
-        f"  decode loop temporaries {g(report.sampler_temp)}   XLA memory analysis of the "
-        "compiled decode loop",
-        f"  log-prob activations    {g(report.logprob_activations)}   computed (reference and "
-        "old passes, a micro-batch at a time)",
-        f"  log-prob temporaries    {g(report.logprob_temp)}   XLA memory analysis",
-        f"  train phase peak        {g(report.total_train_phase)}   computed",
-        f"  train phase, XLA        {g(report.xla_train_phase)}   XLA args+outputs-aliased"
-        "+temps, plus reference",
-        f"  rollout phase peak      {g(report.total_rollout_phase)}   computed + XLA temps",
-        f"  log-prob phase peak     {g(report.total_logprob_phase)}   computed",
-        f"  peak                    {g(report.peak)}",
+        + f", remat {'block' if inputs.remat else 'none'}, params {inputs.param_dtype}, "
+        f"compute {inputs.compute_dtype}, attention {inputs.attention}",
+        "  resident per device (computed from shapes and shardings)",
+        f"    parameters              {g(report.params)}",
+        f"    optimizer state (Adam)  {g(report.opt_state)}",
+        f"    reference model         {g(report.reference)}   ({inputs.ref_dtype})",
+        f"    rollout copy of policy  {g(report.decode_copy)}   ({inputs.compute_dtype}, "
+        f"{report.decode_layout}; rollout phases only)",
+        f"    KV cache                {g(report.kv_cache)}   (rollout phases only)",
+        f"  peak per device by phase    computed   {xla:>11}   {xla}/computed",
     ]
-    if device_memory_gib:
-        fits = report.peak / GiB <= device_memory_gib
-        lines.append(f"  fits in {device_memory_gib:g} GiB per device: {'yes' if fits else 'NO'}")
+    for p in report.phases:
+        lines.append(f"    {p.name:<22} {g(p.computed)}   {g(p.xla)}   "
+                     f"{p.xla / max(p.computed, 1):5.2f}")
+    source = f"{xla}'s" if report.platform == "tpu" else "the computed"
+    lines.append(f"  peak                       {g(report.peak)}   ({source} figures: "
+                 + ("the compiler's own for the chip)" if report.platform == "tpu" else
+                    "XLA:CPU ignores remat and fuses unlike GPUs and TPUs)"))
+    memory = chip.hbm_bytes if chip else (device_memory_gib or 0) * GiB
+    if memory:
+        lines += fits_lines(report, memory)
+    if chip:
+        lines += roofline_lines(report, inputs, chip)
+    lines.append(f"  compiled in {report.compile_s:.0f} s")
     return "\n".join(lines)
+
+
+def fits_lines(report: PlanReport, memory: float) -> list[str]:
+    over = [(p, report.planned(p) - memory) for p in report.phases if report.planned(p) > memory]
+    if not over:
+        return [f"  fits: yes, every phase within {memory / GiB:g} GiB per device "
+                f"({(memory - report.peak) / GiB:.2f} GiB to spare at the peak)"]
+    lines = [f"  fits: NO, {len(over)} phase(s) over {memory / GiB:g} GiB per device"]
+    for p, excess in over:
+        lines.append(f"    {p.name}: {excess / GiB:.2f} GiB over; {p.knob}")
+    if report.resident > memory:
+        lines.append(f"    the policy, optimizer state and reference alone take "
+                     f"{report.resident / GiB:.2f} GiB: shard over more devices (mesh.fsdp)")
+    return lines
+
+
+def roofline_lines(report: PlanReport, inputs: PlanInputs, chip: Chip) -> list[str]:
+    """Lower bounds from XLA's cost model at the chip's peaks: not timings."""
+    lines = [f"  roofline lower bounds per device ({chip.name}: {chip.bf16_flops / 1e12:g} "
+             f"bf16 TFLOP/s, {chip.hbm_bandwidth / 1e9:g} GB/s HBM); bounds from XLA's cost "
+             "model, not timings",
+             "    phase                     TFLOP      GB   bound/call  calls  bound/step"]
+    step = 0.0
+    for p in report.phases:
+        bound = p.cost.bound_s(chip)
+        step += bound * p.calls
+        lines.append(f"    {p.name:<22} {p.cost.flops / 1e12:9.3f} {p.cost.bytes_accessed / 1e9:7.2f}"
+                     f"   {bound:9.4f} s  {p.calls:5d}  {bound * p.calls:9.4f} s")
+    token = report.decode_token.bound_s(chip)
+    hbm = report.decode_hbm_bytes / chip.hbm_bandwidth
+    lines.append(f"    decode, one token          {report.decode_token.flops / 1e12:9.3f} "
+                 f"{report.decode_token.bytes_accessed / 1e9:7.2f}   {token * 1e3:9.3f} ms; HBM "
+                 f"bound (decode copy + mean cache read) {hbm * 1e3:.3f} ms: "
+                 f"{token / hbm:.2f}x")
+    tokens = inputs.prompts_per_step * inputs.n * (inputs.prompt_len + inputs.response_len)
+    lines.append(f"  step lower bound {step:.2f} s: at most {tokens / step / report.devices:,.0f} "
+                 "tokens/s per device (prompt + response tokens)")
+    return lines
