@@ -35,7 +35,8 @@ _GENERATION_KEYS = frozenset({
     "begin_suppress_tokens",
 })
 # Keys transformers' Qwen2 reads that jaxzero supports only with one value (or, for the
-# sliding-window numbers, only while sliding windows are off).
+# sliding-window numbers, only while sliding windows are off; the rotary keys with the rope
+# types of `_read_rope`; auto_map, ignored, only for a Qwen2ForCausalLM).
 _SWITCHES = frozenset({
     "model_type", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
     "layer_types", "use_mrope", "rope_scaling", "rope_parameters", "attention_dropout",
@@ -133,7 +134,7 @@ def _read_yarn(rope: dict, what: str, hf: dict[str, Any], source: str) -> YarnSc
     """A yarn rope dict as transformers' `_compute_yarn_parameters` reads it (its defaults:
     beta_fast 32, beta_slow 1 for a missing or zero value, truncate true, the original length
     max_position_embeddings, the attention factor from factor, mscale and mscale_all_dim)."""
-    if "factor" not in rope:
+    if rope.get("factor") is None:
         raise CheckpointError(f"{source}: {what}={json.dumps(rope)} has no factor; yarn needs "
                               "one (the context length's multiple, e.g. 4.0)")
     factor = _number(rope, "factor", what, source, minimum=1.0)

@@ -208,6 +208,7 @@ def test_the_spellings_read_alike():
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "not 'llama3'"),
     ({"rope_scaling": {"type": "yarn", "rope_type": "linear", "factor": 2.0}}, "disagree"),
     ({"rope_scaling": {"type": "yarn"}}, "has no factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": None}}, "has no factor"),
     ({"rope_scaling": {"type": "yarn", "factor": 0.5}}, "factor=0.5"),
     ({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1.5}},
      "original_max_position_embeddings=1.5"),
