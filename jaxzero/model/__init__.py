@@ -1,4 +1,5 @@
-"""The Qwen2 model: its architecture config, the NNX modules with a KV cache, and the sampler.
+"""The Qwen2 model: its architecture config, rotary embeddings (default, YaRN), the NNX modules
+with a KV cache, and the sampler.
 
 The shape vocabulary of the whole package is stated once, in `qwen2.py`'s docstring.
 """

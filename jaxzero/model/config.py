@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from jaxzero.errors import CheckpointError
+from jaxzero.model.rope import yarn_attention_factor
+
+log = logging.getLogger(__name__)
 
 # Keys that describe the file or the saving library, not the computation.
 _METADATA_KEYS = frozenset({
@@ -31,12 +35,33 @@ _GENERATION_KEYS = frozenset({
     "begin_suppress_tokens",
 })
 # Keys transformers' Qwen2 reads that jaxzero supports only with one value (or, for the
-# sliding-window numbers, only while sliding windows are off).
+# sliding-window numbers, only while sliding windows are off; the rotary keys with the rope
+# types of `_read_rope`; auto_map, ignored, only for a Qwen2ForCausalLM).
 _SWITCHES = frozenset({
     "model_type", "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
     "layer_types", "use_mrope", "rope_scaling", "rope_parameters", "attention_dropout",
-    "quantization_config",
+    "quantization_config", "auto_map",
 })
+ROPE_TYPES = ("default", "yarn")  # what rope_scaling / rope_parameters may name
+# transformers' keys of a "yarn" rope dict (besides rope_type/type, and rope_theta in
+# rope_parameters).
+_YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "attention_factor",
+                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """transformers' static YaRN rotary scaling (rope_type "yarn"), its defaults resolved."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # multiplies cos and sin
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), rope_type="yarn")
 
 
 def _token_ids(value, key: str, source: str) -> tuple[int, ...]:
@@ -52,8 +77,8 @@ def _refuse(source: str, key: str, value, why: str) -> CheckpointError:
     return CheckpointError(f"{source}: {key}={json.dumps(value)} is not supported: {why}")
 
 
-def _check_switches(hf: dict[str, Any], source: str) -> float | None:
-    """Refuses any value that would change the computation; returns rope_parameters' theta."""
+def _check_switches(hf: dict[str, Any], source: str) -> None:
+    """Refuses any value that would change the computation (the rotary keys: `_read_rope`)."""
     if hf.get("model_type") != "qwen2":
         raise CheckpointError(
             f"{source}: model_type is {hf.get('model_type')!r}; jaxzero supports only 'qwen2' "
@@ -75,26 +100,93 @@ def _check_switches(hf: dict[str, Any], source: str) -> float | None:
     if hf.get("use_mrope"):
         raise _refuse(source, "use_mrope", hf["use_mrope"], "multimodal rotary embeddings "
                       "are Qwen2-VL's; jaxzero implements text-only Qwen2")
-    scaling = hf.get("rope_scaling")
-    if scaling and (set(scaling) - {"type", "rope_type"}
-                    or scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise _refuse(source, "rope_scaling", scaling, "jaxzero implements default rotary "
-                      "embeddings (no yarn, dynamic or linear scaling)")
-    rope = hf.get("rope_parameters")
-    theta = None
-    if rope is not None:
-        if not isinstance(rope, dict) or set(rope) - {"rope_type", "type", "rope_theta"} or \
-                rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise _refuse(source, "rope_parameters", rope, "jaxzero implements default "
-                          "rotary embeddings (a rope_theta and nothing else)")
-        theta = rope.get("rope_theta")
     if hf.get("attention_dropout") not in (None, 0, 0.0):
         raise _refuse(source, "attention_dropout", hf["attention_dropout"],
                       "jaxzero trains without dropout")
     if "quantization_config" in hf:
         raise _refuse(source, "quantization_config", hf["quantization_config"],
                       "jaxzero reads unquantised float weights only")
-    return theta
+    if "auto_map" in hf:
+        # Custom modelling code for transformers' trust_remote_code: jaxzero runs its own
+        # Qwen2 and never imports it, which is only the same model for a Qwen2ForCausalLM.
+        if archs != ["Qwen2ForCausalLM"]:
+            raise _refuse(source, "auto_map", hf["auto_map"], "custom modelling code is "
+                          'ignored only in a config with architectures ["Qwen2ForCausalLM"]; '
+                          f"this one has {json.dumps(archs)}")
+        log.warning("%s: ignoring auto_map %s (custom modelling code): jaxzero runs its own "
+                    "Qwen2ForCausalLM", source, json.dumps(hf["auto_map"]))
+
+
+def _number(rope: dict, key: str, what: str, source: str, *, minimum: float = 0.0,
+            integer: bool = False) -> float | int | None:
+    """rope[key] checked to be a number >= minimum (an int if `integer`), or None if absent."""
+    value = rope.get(key)
+    kinds = (int,) if integer else (int, float)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        raise CheckpointError(f"{source}: {what}.{key}={json.dumps(value)} is not supported: "
+                              f"expected {'an integer' if integer else 'a number'} >= {minimum}")
+    return value
+
+
+def _read_yarn(rope: dict, what: str, hf: dict[str, Any], source: str) -> YarnScaling:
+    """A yarn rope dict as transformers' `_compute_yarn_parameters` reads it (its defaults:
+    beta_fast 32, beta_slow 1 for a missing or zero value, truncate true, the original length
+    max_position_embeddings, the attention factor from factor, mscale and mscale_all_dim)."""
+    if rope.get("factor") is None:
+        raise CheckpointError(f"{source}: {what}={json.dumps(rope)} has no factor; yarn needs "
+                              "one (the context length's multiple, e.g. 4.0)")
+    factor = _number(rope, "factor", what, source, minimum=1.0)
+    original = _number(rope, "original_max_position_embeddings", what, source, minimum=1,
+                       integer=True) or int(hf.get("max_position_embeddings", 32768))
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise CheckpointError(f"{source}: {what}.truncate={json.dumps(truncate)} is not "
+                              "supported: expected true or false")
+    attention = _number(rope, "attention_factor", what, source)
+    if attention is None:
+        attention = yarn_attention_factor(factor, _number(rope, "mscale", what, source),
+                                          _number(rope, "mscale_all_dim", what, source))
+    return YarnScaling(factor=float(factor), original_max_position_embeddings=original,
+                       beta_fast=float(_number(rope, "beta_fast", what, source) or 32),
+                       beta_slow=float(_number(rope, "beta_slow", what, source) or 1),
+                       truncate=truncate, attention_factor=float(attention))
+
+
+def _read_rope(hf: dict[str, Any], source: str) -> tuple[float, YarnScaling | None]:
+    """The rotary embedding of an HF config: rope_theta and YaRN scaling, if any, from
+    `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5); `type` and
+    `rope_type` both name the kind. Any kind but default and yarn is refused."""
+    found = {}
+    for key, extra in (("rope_scaling", set()), ("rope_parameters", {"rope_theta"})):
+        rope = hf.get(key)
+        if rope is None or rope == {}:
+            continue
+        if not isinstance(rope, dict):
+            raise _refuse(source, key, rope, "expected an object (or null)")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
+            raise _refuse(source, key, rope, "type and rope_type disagree; keep one")
+        if kind not in ROPE_TYPES:
+            raise _refuse(source, key, rope, f"jaxzero implements rope types "
+                          f"{', '.join(ROPE_TYPES)}, not {kind!r}")
+        allowed = {"type", "rope_type"} | extra | (_YARN_KEYS if kind == "yarn" else set())
+        if set(rope) - allowed:
+            raise _refuse(source, key, rope, f"unknown {kind} rope keys "
+                          f"{sorted(set(rope) - allowed)}; jaxzero reads {sorted(allowed)}")
+        found[key] = (kind, rope)
+    if len(found) == 2 and any(kind != "default" for kind, _ in found.values()):
+        raise CheckpointError(f"{source}: both rope_scaling and rope_parameters are set and one "
+                              "scales; keep one of them (transformers 5 would ignore the "
+                              "other)")
+    theta = hf.get("rope_theta", 10000.0)
+    yarn = None
+    for key, (kind, rope) in found.items():
+        theta = rope.get("rope_theta", theta)
+        if kind == "yarn":
+            yarn = _read_yarn(rope, key, hf, source)
+    return theta, yarn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +209,7 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 151643
     eos_token_id: tuple[int, ...] = (151645,)
+    yarn: YarnScaling | None = None  # None: default rotary embeddings
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_id",
@@ -152,7 +245,8 @@ class Qwen2Config:
         if not isinstance(hf, dict):
             raise CheckpointError(f"{source}: expected a JSON object, found "
                                   f"{type(hf).__name__}")
-        rope_theta = _check_switches(hf, source)
+        _check_switches(hf, source)
+        rope_theta, yarn = _read_rope(hf, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in hf if not k.startswith("_") and k not in fields
                          and k not in _METADATA_KEYS | _GENERATION_KEYS | _SWITCHES)
@@ -162,8 +256,6 @@ class Qwen2Config:
                 + ", ".join(f"{k}={json.dumps(hf[k])}" for k in unknown)
                 + "; jaxzero cannot tell whether they change the computation, so it refuses "
                 "them (delete them from the file if they are only notes)")
-        if rope_theta is None:
-            rope_theta = hf.get("rope_theta", 10000.0)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
@@ -184,6 +276,7 @@ class Qwen2Config:
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=_token_ids(hf.get("eos_token_id"), "eos_token_id", source),
+                yarn=yarn,
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: {e}") from e
@@ -224,6 +317,8 @@ class Qwen2Config:
         }
         if self.head_dim != self.hidden_size // self.num_attention_heads:
             out["head_dim"] = self.head_dim
+        if self.yarn is not None:  # the transformers-4 key, which transformers 5 reads too
+            out["rope_scaling"] = self.yarn.to_hf_dict()
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +334,8 @@ class Qwen2Config:
         if unknown:
             raise CheckpointError(f"{source}: unknown fields {unknown}")
         try:
+            if d.get("yarn") is not None:
+                d = dict(d, yarn=YarnScaling(**d["yarn"]))
             return cls(**d)
         except TypeError as e:
             raise CheckpointError(f"{source}: {e}") from e

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxzero.model.attention import AttentionMask, attend
 from jaxzero.model.config import Qwen2Config
+from jaxzero.model.rope import apply_rope
 from jaxzero.parallel.sharding import FSDP_TP, ShardingConfig, constrain, fit_spec
 
 
@@ -84,19 +85,6 @@ def rms_norm(x_BTD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in Qwen2's rotate-half layout, computed in float32."""
-    h = x_BTNH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.cos(angles_BTh)[:, :, None, :]
-    sin = jnp.sin(angles_BTh)[:, :, None, :]
-    x32 = x_BTNH.astype(jnp.float32)
-    x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
-
-
 def project(equation: str, x: jax.Array, w: jax.Array, options: "ModelOptions") -> jax.Array:
     """A weight matmul in the compute dtype. A forward-only model accumulates in float32
     and rounds once (what GPU and TPU matmuls do anyway): XLA:CPU would otherwise upcast the
@@ -150,8 +138,8 @@ class Attention(nnx.Module):
         k_BTKH = constrain(k_BTKH + self.k_bias_KH[...].astype(cd), shd.act_BTKH)
         v_BTKH = project("BTD,DKH->BTKH", x_BTD, self.v_DKH[...], self.options)
         v_BTKH = constrain(v_BTKH + self.v_bias_KH[...].astype(cd), shd.act_BTKH)
-        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
+        k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
 
         if cache is not None:
             start = (layer, 0, cache.end, 0, 0)

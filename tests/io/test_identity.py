@@ -44,10 +44,9 @@ def test_metadata_and_generation_keys_are_ignored(changes):
 
 
 @pytest.mark.parametrize("changes,named", [
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0,
-                       "original_max_position_embeddings": 32768}}, "rope_scaling="),
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_scaling="),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling="),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}},
      "rope_parameters="),
     ({"use_sliding_window": True}, "use_sliding_window=true"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types="),
