@@ -248,10 +248,14 @@ def chat_text(tokenizer, text: str) -> str:
 
 
 def encode_prompts(tokenizer, texts: list[str], *, chat: bool) -> list[list[int]]:
-    """Token ids of each text; with `chat`, each as one user turn (`chat_text`)."""
+    """Token ids of each text; with `chat`, each as one user turn (`chat_text`).
+
+    A chat template writes the model's BOS itself (DeepSeek's distills do), so a chat turn is
+    encoded without the tokenizer's specials, as `apply_chat_template(tokenize=True)` does;
+    raw text gets them, as `tokenizer(text)` does (the distills' BOS; nothing for Qwen2.5)."""
     if chat:
         texts = [chat_text(tokenizer, t) for t in texts]
-    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    return [tokenizer.encode(t, add_special_tokens=not chat) for t in texts]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -29,7 +29,7 @@ from jaxzero.rl.train_step import build_step_functions, init_opt_state, make_opt
 HUB = FIXTURES / "hub_configs"
 RELEASES = sorted(p.name for p in HUB.iterdir() if p.is_dir())
 # One of each kind runs the compiled checks in the fast suite; the rest are marked slow.
-FAST = {"DeepSeek-R1-Distill-Qwen-1.5B", "transformers-5.x-save"}
+FAST = {"DeepSeek-R1-Distill-Qwen-32B", "transformers-5.1-save"}
 PROMPTS = [[5, 17, 3, 90, 41], [8, 2, 77]]
 NEW = 6
 
@@ -90,6 +90,65 @@ def test_release_config_reads_with_hashable_ids(name):
     gen = HUB / name / "generation_config.json"
     gen_eos = identity.generation_eos_ids(gen if gen.is_file() else None)
     assert set(gen_eos) <= {240, 242}
+
+
+@pytest.mark.parametrize("name", RELEASES)
+def test_release_config_reads_as_transformers_reads_it(name):
+    ours = Qwen2Config.from_hf_dir(HUB / name)
+    theirs = transformers.AutoConfig.from_pretrained(HUB / name)
+    eos = theirs.eos_token_id
+    assert ours.eos_token_id == tuple(eos if isinstance(eos, list) else [eos])
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.bos_token_id == theirs.bos_token_id
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    # Full attention in every layer, whatever max_window_layers and sliding_window say.
+    assert theirs.layer_types == ["full_attention"] * ours.num_hidden_layers
+    gen = HUB / name / "generation_config.json"
+    theirs_gen = transformers.GenerationConfig.from_pretrained(HUB / name)
+    gen_eos = theirs_gen.eos_token_id
+    assert identity.generation_eos_ids(gen) == tuple(
+        gen_eos if isinstance(gen_eos, list) else [gen_eos])
+
+
+def _hf(name, file="config.json"):
+    return json.loads((HUB / name / file).read_text())
+
+
+def test_the_fixtures_carry_the_released_values_that_differ_from_the_defaults():
+    """The values of the real files that tripped the earlier, reconstructed fixtures."""
+    for name in ("Qwen2.5-14B", "Qwen2.5-32B", "DeepSeek-R1-Distill-Qwen-32B"):
+        assert _hf(name)["rms_norm_eps"] == 1e-05, name
+    # Instruct files carry max_window_layers past their real layer count (70 > 64 for 32B).
+    for name in ("Qwen2.5-3B-Instruct", "Qwen2.5-14B-Instruct", "Qwen2.5-32B-Instruct",
+                 "Qwen2.5-72B-Instruct"):
+        assert _hf(name)["max_window_layers"] == 70, name
+    assert _hf("Qwen2.5-0.5B")["max_window_layers"] == 24
+    assert _hf("Qwen2.5-7B")["use_mrope"] is False
+    distill = _hf("DeepSeek-R1-Distill-Qwen-32B")
+    assert "_name_or_path" not in distill and "use_mrope" not in distill
+    assert distill["sliding_window"] == 131072 and distill["use_sliding_window"] is False
+    save = _hf("transformers-5.1-save")
+    assert "_model_name_or_path" not in save and save["pad_token_id"] is None
+    assert "rope_theta" not in save and save["rope_parameters"]["rope_type"] == "default"
+    gen = _hf("transformers-5.1-save", "generation_config.json")
+    assert {"do_sample", "temperature", "top_p", "top_k", "repetition_penalty"} <= set(gen)
+
+
+def test_a_transformers_5_save_reads_its_generation_defaults_as_transformers_does():
+    path = HUB / "transformers-5.1-save"
+    ours = Qwen2Config.from_hf_dir(path)
+    theirs = transformers.AutoConfig.from_pretrained(path)
+    assert theirs.pad_token_id is None  # jaxzero pads with the tokenizer's pad token instead
+    assert ours.eos_token_id == (242,) == (theirs.eos_token_id,)
+    gen = transformers.GenerationConfig.from_pretrained(path)
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty) == (
+        True, 0.7, 0.8, 20, 1.1)
+    assert identity.generation_eos_ids(path / "generation_config.json") == (242, 240)
+    stops = set(ours.eos_token_id) | set(identity.generation_eos_ids(
+        identity.resolve_source(path).generation_config))
+    assert stops == {242, 240}
 
 
 @pytest.mark.parametrize("name", RELEASES)

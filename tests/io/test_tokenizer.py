@@ -1,7 +1,10 @@
 """The offline Qwen2.5 tokenizer against tiktoken, known Qwen2 ids and the chat format."""
 
+import json
 import random
+import shutil
 import unicodedata
+from pathlib import Path
 
 import pytest
 
@@ -226,8 +229,6 @@ def test_a_model_dir_without_tokenizer_files_is_refused_naming_them(tmp_path):
 
 
 def test_a_tokenizer_that_cannot_round_trip_the_chat_template_is_refused(qwen_dir, tmp_path):
-    import json
-    import shutil
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(qwen_dir / name, tmp_path / name)
     # A tokenizer.json whose vocabulary lost everything but <|endoftext|>.
@@ -283,3 +284,85 @@ def test_demo_tokenizer_dir_leaves_nothing_on_failure(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         tk.demo_tokenizer_dir()
     assert list((tmp_path / "jaxzero" / "qwen2.5-tokenizer").iterdir()) == []
+
+
+# ---------------------------------------------------------------- DeepSeek-R1 distills
+
+DEEPSEEK_FIXTURE = (Path(__file__).parents[1] / "fixtures" / "hub_configs"
+                    / "DeepSeek-R1-Distill-Qwen-32B")
+DEEPSEEK_BOS, DEEPSEEK_BOS_ID = "<｜begin▁of▁sentence｜>", 151646
+# The distills rename Qwen2.5's first seven added tokens; the rest keep Qwen's names and ids.
+DEEPSEEK_ADDED = (("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
+                  (DEEPSEEK_BOS, True), ("<|EOT|>", False), ("<think>", False),
+                  ("</think>", False))
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir(qwen_dir, tmp_path_factory):
+    """A DeepSeek-R1-Distill-Qwen tokenizer: the Qwen2.5 BPE with the distills' added tokens,
+    a post-processor that prepends BOS (as their tokenizer.json has), and the released
+    tokenizer_config.json of the fixture, verbatim."""
+    out = tmp_path_factory.mktemp("deepseek")
+    full = json.loads((qwen_dir / "tokenizer.json").read_text())
+    for entry, (content, special) in zip(full["added_tokens"], DEEPSEEK_ADDED):
+        entry.update(content=content, special=special)
+    bos = {"SpecialToken": {"id": DEEPSEEK_BOS, "type_id": 0}}
+    full["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": DEEPSEEK_BOS, "type_id": 1}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {DEEPSEEK_BOS: {"id": DEEPSEEK_BOS, "ids": [DEEPSEEK_BOS_ID],
+                                          "tokens": [DEEPSEEK_BOS]}}}
+    (out / "tokenizer.json").write_text(json.dumps(full, ensure_ascii=False))
+    shutil.copyfile(DEEPSEEK_FIXTURE / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepseek(deepseek_dir):
+    """(transformers' AutoTokenizer, jaxzero's load_tokenizer) of the distill tokenizer."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(deepseek_dir), tk.load_tokenizer(deepseek_dir)
+
+
+def _hf_chat_ids(hf, messages):
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_deepseek_config_is_the_released_layout():
+    config = json.loads((DEEPSEEK_FIXTURE / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["add_eos_token"] is False
+    assert config["tokenizer_class"] == "LlamaTokenizerFast"
+    assert config["bos_token"]["content"] == DEEPSEEK_BOS
+    assert config["chat_template"].endswith("{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+
+
+def test_deepseek_chat_prompt_gets_its_bos_once_as_transformers_gives_it(deepseek):
+    hf, tok = deepseek
+    assert hf.bos_token_id == tok.bos_token_id == DEEPSEEK_BOS_ID
+    for text in ("Fever 39.5 °C, café-au-lait spots. Which rare disease?", CORPUS[1], ""):
+        ours = tk.encode_prompts(tok, [text], chat=True)[0]
+        theirs = _hf_chat_ids(hf, [{"role": "user", "content": text}])
+        assert ours == theirs
+        assert ours[:2] == [DEEPSEEK_BOS_ID, 151644] and ours.count(DEEPSEEK_BOS_ID) == 1
+        assert ours[-2:] == [151648, 198]  # <think>\n opens the completion
+    # Encoding the rendered text with the tokenizer's specials would add a second BOS.
+    text = tk.chat_text(tok, "Which rare disease?")
+    assert hf.encode(text)[:2] == [DEEPSEEK_BOS_ID, DEEPSEEK_BOS_ID]
+
+
+def test_deepseek_raw_prompt_gets_the_bos_transformers_adds(deepseek, tok):
+    hf, ours = deepseek
+    text = "Fever and a rash."
+    ids = tk.encode_prompts(ours, [text], chat=False)[0]
+    assert ids == hf(text)["input_ids"] and ids[0] == DEEPSEEK_BOS_ID
+    # Qwen2.5 has no BOS: its raw prompt is the text's tokens alone.
+    assert tk.encode_prompts(tok, [text], chat=False)[0] == tok.encode(
+        text, add_special_tokens=False)
+
+
+def test_deepseek_stops_on_end_of_sentence(deepseek):
+    assert tk.stop_token_ids(deepseek[1]) == [151643]
