@@ -364,7 +364,9 @@ def _restore_newest(store: CheckpointStore, abstract_tree, log):
 def _check_model_config(meta: dict, model_config: Qwen2Config, where) -> None:
     found = meta.get("model_config")
     if found and Qwen2Config.from_dict(found) != model_config:
-        diff = {k: (found[k], v) for k, v in model_config.to_dict().items() if found.get(k) != v}
+        # The checkpoint's own fields with the defaults of any it predates (e.g. yarn).
+        found = Qwen2Config.from_dict(found).to_dict()
+        diff = {k: (found[k], v) for k, v in model_config.to_dict().items() if found[k] != v}
         raise CheckpointError(f"{where}: checkpoint is of another architecture: "
                               + ", ".join(f"{k}: checkpoint {a}, config {b}"
                                           for k, (a, b) in diff.items()))

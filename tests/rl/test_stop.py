@@ -84,3 +84,18 @@ def test_the_stop_agreement_of_one_process_is_its_own_signal():
     assert StopSignal().agreed() is False
     stop = _signalled()
     assert stop.agreed() is True and stop.received == "SIGTERM" and 0.0 <= stop.waited() < 5
+
+
+def test_a_checkpoint_from_before_yarn_names_the_rope_difference():
+    """A checkpoint's meta written before Qwen2Config had `yarn` reads with its default
+    (none); resumed under a YaRN config, the refusal names that field, not a KeyError."""
+    import dataclasses
+
+    from jaxzero.errors import CheckpointError
+    from jaxzero.model.config import YarnScaling
+    from jaxzero.rl.setup import _check_model_config
+    old = {k: v for k, v in TINY.to_dict().items() if k != "yarn"}
+    yarn = dataclasses.replace(TINY, yarn=YarnScaling(4.0, 16))
+    _check_model_config({"model_config": old}, TINY, "ckpt")
+    with pytest.raises(CheckpointError, match=r"another architecture: yarn: checkpoint None"):
+        _check_model_config({"model_config": old}, yarn, "ckpt")
