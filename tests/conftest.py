@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (the tpu extra) compiles for TPU topologies in the planner's tests; its lockfile
+# would otherwise refuse a second process on the machine.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Compiled programs are cached across tests and the subprocesses they start (several runs of
 # the same tiny model compile the same train step); only compiles worth keeping are stored.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

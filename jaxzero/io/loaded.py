@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxzero.io.identity import identify
@@ -19,7 +20,8 @@ class LoadedModel:
         self.config = self.identity.config
         self.tokenizer = self.identity.tokenizer
         self.mesh = make_mesh(1, -1, 1)
-        options = ModelOptions(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
+        options = ModelOptions(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype),
+                               platform=jax.default_backend())
         self.graphdef, abstract = abstract_model(self.config, options)
         _, self.params = load_params(self.identity.source.path, step=step, param_dtype=dtype,
                                      shardings=param_shardings(abstract, self.mesh))

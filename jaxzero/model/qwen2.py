@@ -42,6 +42,7 @@ class ModelOptions:
     sharding: ShardingConfig = FSDP_TP  # activation constraints (they bind under a mesh)
     attention: str = "einsum"  # an implementation of `attention.attend` (model.attention)
     forward_only: bool = False  # never differentiated (the rollout's decode copy)
+    platform: str = "cpu"  # the backend compiled for (jax.Device.platform): "cpu", "gpu", "tpu"
 
 
 class KVCache(NamedTuple):
@@ -99,11 +100,12 @@ def project(equation: str, x: jax.Array, w: jax.Array, options: "ModelOptions") 
 
 
 def take_rows(table_VD: jax.Array, tokens_BT: jax.Array, options: "ModelOptions") -> jax.Array:
-    """Rows of an embedding table [B, T, D]. A forward-only model gathers a 16-bit table as
-    16-bit integers: XLA:CPU gathers bfloat16 in float32 and, in a decode loop, hoists that
-    float32 copy of the whole table out of the loop (the bitcast is free everywhere, but
-    has no gradient)."""
-    if not options.forward_only or table_VD.dtype.itemsize != 2:
+    """Rows of an embedding table [B, T, D]. A forward-only model on CPU gathers a 16-bit
+    table as 16-bit integers: XLA:CPU gathers bfloat16 in float32 and, in a decode loop,
+    hoists that float32 copy of the whole table out of the loop (the bitcast has no
+    gradient). Elsewhere the table is gathered as it is: XLA:TPU materialises the bitcast, a
+    copy of the whole table per decode step (`tests/parallel/test_tpu_target.py`)."""
+    if not options.forward_only or table_VD.dtype.itemsize != 2 or options.platform != "cpu":
         return jnp.take(table_VD, tokens_BT, axis=0)
     bits_VD = jax.lax.bitcast_convert_type(table_VD, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.take(bits_VD, tokens_BT, axis=0), table_VD.dtype)

@@ -112,13 +112,14 @@ def logprob_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
 
 def _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk):
     """Bytes of one block's internals with their gradient (attention scores and
-    probabilities in float32, q/k/v, attention and MLP activations), and of one float32
+    probabilities in float32 unless splash, q/k/v, attention and MLP activations), and of one float32
     logits chunk, for `seqs` rows of `length` tokens on one device."""
     tp = mesh.shape["tensor"]
     cb = np.dtype(inputs.compute_dtype).itemsize
     d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
     n, k = config.num_attention_heads / tp, config.num_key_value_heads
-    scores = seqs * n * length * length * 4 * 3
+    # Splash keeps no scores, only its float32 log-sum-exp residual per query.
+    scores = seqs * n * length * (4 if inputs.attention == "splash" else length * 4 * 3)
     internals = seqs * length * (4 * d + (2 * n + 2 * k) * h + 3 * f / tp) * cb
     return scores + internals, seqs * logit_chunk * config.vocab_size / tp * 4
 
@@ -268,7 +269,8 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     started = time.perf_counter()
     options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
                            compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
-                           sharding=sharding, attention=inputs.attention)
+                           sharding=sharding, attention=inputs.attention,
+                           platform=mesh.devices.flat[0].platform)
     graphdef, abstract = abstract_model(config, options)
     optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
                                grad_clip=1.0)
@@ -375,8 +377,12 @@ def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mes
     _, abstract = abstract_model(config, options)
     copy = abstract_on(jax.eval_shape(lambda t: jax.tree.map(lambda x: x.astype(compute), t),
                                       abstract), param_shardings(abstract, mesh, table))
-    rows = inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n
-    prompts = rows // inputs.n
+    # Each sampler call takes a multiple of the devices its rows go over, padding the prompts
+    # with repeats as `Sampler.generate` does.
+    asked = (inputs.rollout_micro_batch or inputs.prompts_per_step * inputs.n) // inputs.n
+    dp = sampler.data_parallel
+    prompts = -(-max(asked, 1) // dp) * dp
+    rows = prompts * inputs.n
     slots = sampler.config.cache_slots(inputs.prompt_len)
     cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(
         config, rows, slots, jnp.dtype(inputs.cache_dtype or compute))),

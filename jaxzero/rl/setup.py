@@ -250,7 +250,8 @@ def _build_run(cfg, make_task: TaskFactory, claim: run_dir_lib.RunDir, mesh: Mes
                            remat=cfg.model.remat == "block",
                            attention=resolve_attention(cfg.model.attention,
                                                        jax.default_backend(),
-                                                       cfg.model.compute_dtype))
+                                                       cfg.model.compute_dtype),
+                           platform=jax.default_backend())
     graphdef, abstract = abstract_model(model_config, options)
     loader = make_loader(cfg, task.train_records)
     steps = total_steps(cfg, loader)

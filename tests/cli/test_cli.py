@@ -60,6 +60,18 @@ def test_mesh_that_does_not_match_the_devices(capsys, tmp_path):
     assert "4 devices, but 8 devices exist" in err
 
 
+def test_plan_targets_are_refused_in_one_line(capsys):
+    assert "expected e.g. tpu:v5e:4x4" in _error(capsys, ["plan", DEMO, "--target", "v5e"])
+    assert "not both" in _error(capsys, ["plan", DEMO, "--target", "cpu:8", "--devices", "8"])
+    err = _error(capsys, ["plan", DEMO, "--target", "tpu:v5p:2x2x1", "--mesh",
+                          "data=1,fsdp=8,tensor=1"])
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        assert "pip install 'jaxzero[tpu]'" in err
+    else:
+        assert "8 devices, but 4 devices exist" in err  # the topology's, not this machine's
+
+
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     for command in ("prepare-data", "convert", "train", "eval", "generate", "plan", "plot"):
@@ -72,8 +84,9 @@ def test_every_subcommand_has_help(capsys):
 def test_plan_prints_per_device_memory(capsys):
     assert main(["plan", DEMO, "rollout.max_new_tokens=16", "data.prompt_buckets=[256]"]) == 0
     out = capsys.readouterr().out
-    for line in ("parameters", "optimizer state", "reference model", "KV cache",
-                 "train activations", "XLA memory analysis", "peak"):
+    for line in ("parameters", "optimizer state", "reference model", "KV cache", "update",
+                 "log-prob pass", "prefill", "decode loop", "computed       XLA:CPU", "peak",
+                 "fits: yes, every phase within 80 GiB"):
         assert line in out
 
 
