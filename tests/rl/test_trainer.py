@@ -64,6 +64,10 @@ def full_run(tmp_path_factory):
     return run_dir, last
 
 
+# Slow (152 s on the 2-core VM, beyond the shared 143 s fixture): two more in-process runs.
+# The default suite keeps the checkpoint's bit-exact round trip, the torn-checkpoint
+# fallback and the stop's saves (tests/io/test_checkpoint.py, tests/rl/test_stop.py).
+@pytest.mark.slow
 def test_resume_is_exact(full_run, tmp_path):
     full_dir, _ = full_run
     lines = []
