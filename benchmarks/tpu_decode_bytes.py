@@ -2,9 +2,10 @@
 
 Compiles, deviceless (libtpu, no TPU attached: `pip install -e '.[tpu]'`), the rollout's
 standalone decode step (`SamplerLoop.step`, the program `jaxzero plan` measures one token
-with) for a Qwen2.5 shape cut to `--layers` layers, on the replicated bfloat16 decode copy,
-at the last cache prefix of the seed's shape (1,024 + 1,024 tokens, 128 rows over the
-topology's chips). It prints XLA's total FLOPs and bytes, then the top-level instructions of
+with, built by the plan's own `decode_setup`) for a Qwen2.5 shape cut to `--layers` layers,
+on the replicated bfloat16 decode copy, at the last cache prefix of the seed's shape (1,024 +
+1,024 tokens, 128 rows over the topology's chips). It prints XLA's total FLOPs and bytes
+against what the step must read (the copy and the cache prefix), then the top-level instructions of
 the optimized program by the bytes of their operands and result (read from the HLO's
 shapes: a reading aid, not XLA's own per-instruction count).
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(SHAPES), default="1.5b")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rows", type=int, default=128, help="rollout rows in one sampler call")
+    ap.add_argument("--prefix", choices=("first", "last"), default="last",
+                    help="the cache prefix the step reads: the first chunk's or the whole cache")
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     spec = tgt.parse_target(args.target)
@@ -67,11 +70,9 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxzero.model.config import Qwen2Config
-    from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
-    from jaxzero.model.sampler import Sampler, decode_model
-    from jaxzero.model.sampling import Sampled, SamplingParams
-    from jaxzero.parallel.sharding import (abstract_on, batch_sharding, decode_table,
-                                           make_mesh, param_shardings)
+    from jaxzero.model.qwen2 import ModelOptions
+    from jaxzero.parallel.sharding import bytes_per_device, make_mesh
+    from jaxzero.rl.plan import Cost, PlanInputs, decode_setup
 
     d, f, heads, kv, tied = SHAPES[args.model]
     config = Qwen2Config(vocab_size=151936, hidden_size=d, intermediate_size=f,
@@ -81,31 +82,27 @@ def main() -> None:
     mesh = make_mesh(1, len(devices), 1, devices=devices)
     options = ModelOptions(param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
                            attention="splash", platform=devices[0].platform)
-    table = decode_table("replicated")
-    sampler = Sampler(decode_model(config, options, table), config, mesh=mesh,
-                      max_new_tokens=1024, stop_ids=(), pad_id=0, buckets=(1024,),
-                      cache_dtype=None, sharding=table, param_dtype="bfloat16", chunk=16,
-                      cache_block=128)
-    _, abstract = abstract_model(config, options)
-    copy = abstract_on(jax.eval_shape(lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t),
-                                      abstract), param_shardings(abstract, mesh, table))
-    slots = sampler.config.cache_slots(1024)
-    cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(config, args.rows, slots,
-                                                             jnp.bfloat16)),
-                        KVCache.shardings(config, mesh, table))
-    positions = jax.ShapeDtypeStruct((args.rows,), jnp.int32,
-                                     sharding=batch_sharding(mesh, 1, table))
-    loop = sampler.loop(16, Sampled())
-    read = sampler.config.read_prefixes(slots)[-1]
+    # The seed's shape: 128 rows of 1,024 + 1,024 tokens in one sampler call.
+    inputs = PlanInputs(prompts_per_step=args.rows // 16, n=16, prompt_len=1024,
+                        response_len=1024, micro_batches=1, param_dtype="float32",
+                        compute_dtype="bfloat16", ref_dtype="bfloat16", remat=True,
+                        use_kl=False, decode_layout="replicated", attention="splash")
+    setup = decode_setup(config, inputs, options, mesh, None, len(devices))
+    read = setup.sampler.config.read_prefixes(setup.slots)[0 if args.prefix == "first" else -1]
     started = time.perf_counter()
-    compiled = loop.step.lower(loop, copy, cache, positions, positions, jax.random.key(0),
-                               SamplingParams.make(1.0, 1.0, 0), read).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    print(f"{args.model} shape, {args.layers} layers, {args.rows} rows, {slots} cache slots "
-          f"(reading {read}), {spec.name}: compiled in {time.perf_counter() - started:.1f} s")
-    print(f"XLA cost model: {cost['flops'] / 1e9:.2f} GFLOP, "
-          f"{cost['bytes accessed'] / 1e9:.3f} GB accessed per device")
+    compiled = setup.step_program(read)
+    cost = Cost.of(compiled)
+    copy = bytes_per_device(setup.copy, jax.tree.map(lambda x: x.sharding, setup.copy))
+    cache = bytes_per_device(setup.cache, jax.tree.map(lambda x: x.sharding, setup.cache))
+    chip = tgt.device_peaks(spec, devices)
+    print(f"{args.model} shape, {args.layers} layers, {setup.rows} rows, {setup.slots} cache "
+          f"slots (reading {read}), {spec.name}: compiled in {time.perf_counter() - started:.1f} s")
+    print(f"XLA cost model: {cost.flops / 1e9:.2f} GFLOP, {cost.bytes_accessed / 1e9:.3f} GB "
+          f"accessed per device; the step must read the decode copy ({copy / 1e9:.3f} GB) and "
+          f"the cache it reads ({cache * read / setup.slots / 1e9:.3f} GB): "
+          f"{cost.bytes_accessed / (copy + cache * read / setup.slots):.2f}x that "
+          f"({chip.name}, {chip.hbm_bandwidth / 1e9:g} GB/s: bound "
+          f"{cost.bound_s(chip) * 1e3:.3f} ms)")
     print(f"{'operand+result MB':>18}  {'opcode':<22} {'instruction':<28} result")
     for total, op, name, shape in entry_instructions(compiled.as_text())[:args.top]:
         print(f"{total / 1e6:18.1f}  {op:<22} {name[:28]:<28} {shape[:90]}")

@@ -88,32 +88,34 @@ class AttentionMask:
         return real_BS if self.segment_BT is None else real_BS * (self.segment_BT + 1)
 
 
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask, *,
+def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask: AttentionMask, *,
            compute_dtype, sharding: ShardingConfig, implementation: str = "einsum"
            ) -> jax.Array:
     """softmax(q·k / sqrt(H), masked) · v over the K key/value heads, each shared by Q query
     heads; [B, T, N, H] in the compute dtype. Scores and softmax are float32.
 
-    Only the first S slots of the keys and values are read, S the mask's key width (a cache
-    holds more slots than a decode step has filled). `implementation` is one of
+    Keys and values come heads first, [B, K, S, H], as the cache stores them (on TPU the
+    (S, H) minor dimensions tile without padding or relayout). Only the first S slots are
+    read, S the mask's key width (a cache holds more slots than a decode step has filled). `implementation` is one of
     IMPLEMENTATIONS, or splash_interpret (the splash kernel interpreted, for tests on CPU);
     the fused ones take causal self-attention (T == S) and leave the rest to the einsum."""
     s = mask.key_valid_BS.shape[1]
-    k_BSKH, v_BSKH = k_BSKH[:, :s], v_BSKH[:, :s]
+    k_BKSH, v_BKSH = k_BKSH[:, :, :s], v_BKSH[:, :, :s]
     if implementation == "einsum" or q_BTNH.shape[1] != s:
-        return _einsum(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype, sharding)
+        return _einsum(q_BTNH, k_BKSH, v_BKSH, mask, compute_dtype, sharding)
     if implementation in ("xla", "cudnn"):
         # Causal over slots plus the valid keys: with T == S the query slots are 0..T-1.
         ids_BS = mask.segment_ids_BS()
         allowed_B1TS = ((ids_BS[:, :, None] == ids_BS[:, None, :]) &
                         mask.key_valid_BS[:, None, :])[:, None]
+        k_BSKH, v_BSKH = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH.astype(compute_dtype), k_BSKH.astype(compute_dtype),
             v_BSKH.astype(compute_dtype), mask=allowed_B1TS, is_causal=True,
             implementation=implementation)
         return out_BTNH.astype(compute_dtype)
     if implementation in ("splash", "splash_interpret"):
-        return _splash(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype, sharding,
+        return _splash(q_BTNH, k_BKSH, v_BKSH, mask, compute_dtype, sharding,
                        interpret=implementation == "splash_interpret")
     raise ValueError(f"attention implementation {implementation!r}: use one of "
                      f"{IMPLEMENTATIONS}")
@@ -134,36 +136,36 @@ def query_blocks(t: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, t)) for start in range(0, t, size)]
 
 
-def _einsum(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding):
+def _einsum(q_BTNH, k_BKSH, v_BKSH, mask: AttentionMask, compute_dtype, sharding):
     """Exact for every real query: the keys a block skips are after all its queries' slots
     (with T == S a query's slot is its index), so the full mask gives them weight 0."""
-    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    t, s = q_BTNH.shape[1], k_BKSH.shape[2]
     if t != s:
-        return _einsum_block(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS(), compute_dtype,
+        return _einsum_block(q_BTNH, k_BKSH, v_BKSH, mask.allowed_BTS(), compute_dtype,
                              sharding)
-    out = [_einsum_block(q_BTNH[:, start:end], k_BSKH[:, :end], v_BSKH[:, :end],
+    out = [_einsum_block(q_BTNH[:, start:end], k_BKSH[:, :, :end], v_BKSH[:, :, :end],
                          mask.allowed_BTS(slice(start, end), end), compute_dtype, sharding)
            for start, end in query_blocks(t)]
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
-def _einsum_block(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, compute_dtype, sharding):
+def _einsum_block(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, compute_dtype, sharding):
     b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
+    k = k_BKSH.shape[1]
     q_BTKQH = q_BTNH.reshape(b, t, k, n // k, h)
-    logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(compute_dtype),
+    logits_BKQTS = jnp.einsum("BTKQH,BKSH->BKQTS", q_BTKQH, k_BKSH.astype(compute_dtype),
                               preferred_element_type=jnp.float32)
     logits_BKQTS = constrain(logits_BKQTS * (h ** -0.5), sharding.scores_BKQTS)
     logits_BKQTS = jnp.where(allowed_BTS[:, None, None], logits_BKQTS, _MASKED)
     probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(compute_dtype)
-    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(compute_dtype))
+    out_BTKQH = jnp.einsum("BKQTS,BKSH->BTKQH", probs_BKQTS, v_BKSH.astype(compute_dtype))
     return out_BTKQH.reshape(b, t, n, h)
 
 
 SPLASH_BLOCK = 128  # the kernel's query and key block: T must be a multiple of it
 
 
-def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding, *,
+def _splash(q_BTNH, k_BKSH, v_BKSH, mask: AttentionMask, compute_dtype, sharding, *,
             interpret: bool):
     """The splash kernel per (row, KV head) as multi-query attention over its Q heads. Padding
     is segment 0 and real tokens their sequence's id + 1 (`segment_ids_BS`), so with the
@@ -172,7 +174,7 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as masks)
     b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
+    k = k_BKSH.shape[1]
     if t % SPLASH_BLOCK:
         raise ConfigError(f"model.attention=splash needs sequence lengths that are multiples "
                           f"of {SPLASH_BLOCK} (got {t}); use prompt buckets and "
@@ -185,12 +187,11 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding
         masks.MultiHeadMask([masks.CausalMask((t, t))] * (n // k)), block_sizes=sizes,
         interpret=interpret)
 
-    def rows(q_BTNH, k_BSKH, v_BSKH, ids_BS):
+    def rows(q_BTNH, k_BKSH, v_BKSH, ids_BS):
         cd = compute_dtype
         q_BKQTH = (q_BTNH * (h ** -0.5)).astype(cd).reshape(
             q_BTNH.shape[0], t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-        k_BKSH = k_BSKH.astype(cd).transpose(0, 2, 1, 3)
-        v_BKSH = v_BSKH.astype(cd).transpose(0, 2, 1, 3)
+        k_BKSH, v_BKSH = k_BKSH.astype(cd), v_BKSH.astype(cd)
         per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
         out_BKQTH = jax.vmap(lambda q, kk, vv, seg: per_head(
             q, kk, vv, splash.SegmentIds(q=seg, kv=seg)))(q_BKQTH, k_BKSH, v_BKSH, ids_BS)
@@ -198,10 +199,10 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, compute_dtype, sharding
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return rows(q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BS())
+        return rows(q_BTNH, k_BKSH, v_BKSH, mask.segment_ids_BS())
     # A Pallas kernel is not partitioned by XLA: each device runs it on its own rows.
     rows_axes = tuple(fit_spec(sharding.rows_B, (b,), mesh)[0]) or (None,)
     spec = lambda ndim: jax.sharding.PartitionSpec(*rows_axes, *[None] * (ndim - 1))
     return jax.shard_map(rows, mesh=mesh, in_specs=(spec(4), spec(4), spec(4), spec(2)),
                          out_specs=spec(4), check_vma=False)(
-        q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BS())
+        q_BTNH, k_BKSH, v_BKSH, mask.segment_ids_BS())

@@ -46,20 +46,24 @@ class ModelOptions:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, preallocated for S slots.
+    """Keys and values of every layer, preallocated for S slots, heads before slots: a
+    layer's [B, K, S, H] is what attention reads, and on TPU the (S, H) minor dimensions tile
+    as (8, 128) with S a whole number of tiles (`sampler.SLOT_MULTIPLE`). Stored
+    [L, B, S, K, H], two KV heads tiled (K, H) as (2, 128) and every decode program copied
+    the whole cache into the update's layout and back.
 
     `valid_BS` marks slots that hold a real (non-padding) token; `end` is the next slot
     to write, shared by the batch because prompts are left-padded to one length.
     """
 
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_LBKSH: jax.Array
+    v_LBKSH: jax.Array
     valid_BS: jax.Array
     end: jax.Array  # int32 scalar
 
     @classmethod
     def empty(cls, config: Qwen2Config, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads,
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, slots,
                  config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, slots), jnp.bool_), jnp.zeros((), jnp.int32))
@@ -68,9 +72,9 @@ class KVCache(NamedTuple):
     def shardings(cls, config: Qwen2Config, mesh: Mesh, table: ShardingConfig) -> "KVCache":
         """The cache's shardings from the table: K heads fitted to the mesh (rows and slots
         depend on the call; the sampler checks that rows divide)."""
-        lbskh = (config.num_hidden_layers, None, None, config.num_key_value_heads,
+        lbksh = (config.num_hidden_layers, None, config.num_key_value_heads, None,
                  config.head_dim)
-        kv = NamedSharding(mesh, fit_spec(table.cache_LBSKH, lbskh, mesh)[0])
+        kv = NamedSharding(mesh, fit_spec(table.cache_LBKSH, lbksh, mesh)[0])
         return cls(kv, kv, NamedSharding(mesh, table.cache_BS),
                    NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
@@ -143,18 +147,20 @@ class Attention(nnx.Module):
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
 
+        k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
         if cache is not None:
-            start = (layer, 0, cache.end, 0, 0)
-            cache = cache._replace(
-                k_LBSKH=jax.lax.dynamic_update_slice(cache.k_LBSKH, k_BTKH[None].astype(
-                    cache.k_LBSKH.dtype), start),
-                v_LBSKH=jax.lax.dynamic_update_slice(cache.v_LBSKH, v_BTKH[None].astype(
-                    cache.v_LBSKH.dtype), start))
-            k_BSKH, v_BSKH = cache.k_LBSKH[layer], cache.v_LBSKH[layer]
+            start = (layer, 0, 0, cache.end, 0)
+            write = lambda c, x: jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), start)
+            cache = cache._replace(k_LBKSH=write(cache.k_LBKSH, k_BKTH),
+                                   v_LBKSH=write(cache.v_LBKSH, v_BKTH))
+            # The slots attention reads, sliced from the stacked cache in one step (the layer
+            # taken whole first is a copy of it on TPU whenever fewer slots are read).
+            s = mask.key_valid_BS.shape[1]
+            k_BKSH, v_BKSH = cache.k_LBKSH[layer, :, :, :s], cache.v_LBKSH[layer, :, :, :s]
         else:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            k_BKSH, v_BKSH = k_BKTH, v_BKTH
 
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask, compute_dtype=cd, sharding=shd,
+        out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask, compute_dtype=cd, sharding=shd,
                           implementation=self.options.attention)
         out_BTNH = constrain(out_BTNH, shd.act_BTNH)
         return project("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...], self.options), cache

@@ -39,6 +39,14 @@ from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, 
                                        param_shardings, put_global)
 
 
+# Cache slots come in whole multiples of this: XLA:TPU lays a [B, K, S, H] cache out in
+# (8, 128) tiles of 32-bit words (16 slots of bfloat16, 32 of an 8-bit type). On a ragged S
+# its default argument layout puts K second-minor instead, and every decode program then
+# converts the whole cache on the way in and out (four whole-cache copies per step,
+# `benchmarks/tpu_decode_bytes.py`).
+SLOT_MULTIPLE = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """What a compiled sampler is specialised to (hashable: a static jit argument)."""
@@ -89,13 +97,15 @@ class SamplerConfig:
         return 1 + -(-(self.max_new_tokens - 1) // w) * w
 
     def cache_slots(self, prompt_len: int) -> int:
-        """Cache slots for a prompt bucket: the prompt and every decode step."""
-        return prompt_len + self.steps
+        """Cache slots for a prompt bucket: the prompt and every decode step, rounded up to
+        whole SLOT_MULTIPLEs (the slots past the last step stay empty and invalid)."""
+        return -(-(prompt_len + self.steps) // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
     def read_prefixes(self, slots: int) -> tuple[int, ...]:
         """The cache prefixes a chunk may read: whole blocks from the first chunk's on, each
-        at least a block short of the whole cache (of `slots`, the prompt taking
-        `slots - steps`), then the whole cache."""
+        at least a block short of the whole cache (of `slots`, taking the prompt as
+        `slots - steps`: at most SLOT_MULTIPLE - 1 slots more than it is, so the first chunk
+        may read a block more than it needs), then the whole cache."""
         block = self.block(slots)
         first = slots - self.steps + self.chunk_steps
         return tuple(range(-(-first // block) * block, slots - block + 1, block)) + (slots,)
@@ -191,8 +201,8 @@ class SamplerLoop:
 
     def _pin_cache(self, cache: KVCache) -> KVCache:
         shd = self.sharding
-        return KVCache(constrain(cache.k_LBSKH, shd.cache_LBSKH),
-                       constrain(cache.v_LBSKH, shd.cache_LBSKH),
+        return KVCache(constrain(cache.k_LBKSH, shd.cache_LBKSH),
+                       constrain(cache.v_LBKSH, shd.cache_LBKSH),
                        constrain(cache.valid_BS, shd.cache_BS), cache.end)
 
     @functools.partial(jax.jit, static_argnames=("self",))
@@ -209,12 +219,12 @@ class SamplerLoop:
             logits_PV = model.logits(h_PTD[:, -1:])[:, 0]  # left-padded: the last slot is real
             grow, n = self.config.cache_slots(t) - t, self.n
 
-            def grown(x_LPTKH):  # new slots are empty and invalid
-                return jnp.repeat(jnp.pad(x_LPTKH, ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))),
+            def grown(x_LPKTH):  # new slots are empty and invalid
+                return jnp.repeat(jnp.pad(x_LPKTH, ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0))),
                                   n, axis=1)
 
             valid_BS = jnp.repeat(jnp.pad(cache.valid_BS, ((0, 0), (0, grow))), n, axis=0)
-            cache = self._pin_cache(KVCache(grown(cache.k_LBSKH), grown(cache.v_LBSKH),
+            cache = self._pin_cache(KVCache(grown(cache.k_LBKSH), grown(cache.v_LBKSH),
                                             valid_BS, cache.end))
             return cache, constrain(jnp.repeat(logits_PV, n, axis=0), self.sharding.rows_BT)
 
@@ -249,7 +259,7 @@ class SamplerLoop:
         config, shd = self.config, self.sharding
         b, r, w = logits_BV.shape[0], config.max_new_tokens, config.chunk_steps
         stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
-        slots = cache.k_LBSKH.shape[2]
+        slots = cache.k_LBKSH.shape[3]
         prefixes = config.read_prefixes(slots)
 
         def record(s: DecodeState, logits_BV, cache) -> DecodeState:

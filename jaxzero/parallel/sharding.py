@@ -73,7 +73,7 @@ class ShardingConfig:
     scores_BKQTS: P    # attention scores and probabilities
     logits_BTV: P
     # the KV cache of the sampler
-    cache_LBSKH: P
+    cache_LBKSH: P
     cache_BS: P      # which slots hold a real token
     # batches: rows of the train step and the sampler
     rows_BT: P
@@ -108,7 +108,7 @@ class ShardingConfig:
             act_BTD=P(BATCH, None, None), act_BTNH=P(BATCH, None, "tensor", None),
             act_BTKH=P(BATCH, None, "tensor", None), act_BTF=P(BATCH, None, "tensor"),
             scores_BKQTS=P(BATCH, "tensor", None, None, None), logits_BTV=P(BATCH, None, "tensor"),
-            cache_LBSKH=P(None, BATCH, None, "tensor", None), cache_BS=P(BATCH, None),
+            cache_LBKSH=P(None, BATCH, "tensor", None, None), cache_BS=P(BATCH, None),
             rows_BT=P(BATCH, None), rows_B=P(BATCH))
 
     @classmethod
@@ -126,7 +126,7 @@ class ShardingConfig:
                       "act_BTKH": P(rows, None, None, None), "act_BTF": P(rows, None, None),
                       "scores_BKQTS": P(rows, None, None, None, None),
                       "logits_BTV": P(rows, None, None),
-                      "cache_LBSKH": P(None, rows, None, None, None), "cache_BS": P(rows, None),
+                      "cache_LBKSH": P(None, rows, None, None, None), "cache_BS": P(rows, None),
                       "rows_BT": P(rows, None), "rows_B": P(rows)})
 
     @classmethod
@@ -146,7 +146,7 @@ class ShardingConfig:
             act_BTD=P(rows, None, None), act_BTNH=P(rows, None, tp, None),
             act_BTKH=P(rows, None, tp, None), act_BTF=P(rows, None, tp),
             scores_BKQTS=P(rows, tp, None, None, None), logits_BTV=P(rows, None, tp),
-            cache_LBSKH=P(None, rows, None, tp, None), cache_BS=P(rows, None),
+            cache_LBKSH=P(None, rows, tp, None, None), cache_BS=P(rows, None),
             rows_BT=P(rows, None), rows_B=P(rows))
 
     def param_spec(self, name: str) -> P:

@@ -360,11 +360,32 @@ class _Rollout(NamedTuple):
     decode_temps: int       # computed
 
 
-def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
-             device_bytes: int | None, host_devices: int) -> _Rollout:
-    """The rollout phase as the trainer runs it, on its decode copy and layout: the compiled
-    prefill, decode loop and single decode steps (at the first and last cache prefix a chunk
-    reads: a step's cost is linear in the prefix), and the copy's and cache's bytes."""
+class DecodeSetup(NamedTuple):
+    """The rollout's decode as the trainer runs it, abstract: its sampler and loop on the
+    decode copy and layout, and the shapes one sampler call takes."""
+
+    sampler: Sampler
+    loop: Any               # the SamplerLoop of the run's strategy
+    layout: str             # rollout.decode_layout resolved
+    copy: Any               # the decode copy of the policy, ShapeDtypeStructs
+    cache: KVCache          # the grown cache, ShapeDtypeStructs
+    prompts: int            # prompts per sampler call (padded to the data-parallel devices)
+    rows: int               # rows per sampler call (prompts · n)
+    slots: int              # cache slots
+    sampling: SamplingParams
+
+    def step_program(self, read: int):
+        """The compiled standalone decode step reading the cache's first `read` slots."""
+        positions = jax.ShapeDtypeStruct((self.rows,), jnp.int32,
+                                         sharding=batch_sharding(self.loop.mesh, 1,
+                                                                 self.loop.sharding))
+        return self.loop.step.lower(self.loop, self.copy, self.cache, positions, positions,
+                                    jax.random.key(0), self.sampling, read).compile()
+
+
+def decode_setup(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
+                 device_bytes: int | None, host_devices: int) -> DecodeSetup:
+    """The decode of one sampler call at `inputs`' shape, on the layout the trainer picks."""
     compute = jnp.dtype(inputs.compute_dtype)
     layout = choose_decode_layout(inputs.decode_layout, config.num_params() * compute.itemsize,
                                   device_bytes, mesh, host_devices)
@@ -387,31 +408,42 @@ def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mes
     cache = abstract_on(jax.eval_shape(lambda: KVCache.empty(
         config, rows, slots, jnp.dtype(inputs.cache_dtype or compute))),
         KVCache.shardings(config, mesh, table))
+    loop = sampler.loop(inputs.n, Sampled(top_k=inputs.top_k > 0, top_p=inputs.top_p < 1))
+    return DecodeSetup(sampler, loop, layout, copy, cache, prompts, rows, slots,
+                       SamplingParams.make(1.0, inputs.top_p, inputs.top_k))
+
+
+def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mesh: Mesh,
+             device_bytes: int | None, host_devices: int) -> _Rollout:
+    """The rollout phase as the trainer runs it, on its decode copy and layout: the compiled
+    prefill, decode loop and single decode steps (at the first and last cache prefix a chunk
+    reads: a step's cost is linear in the prefix), and the copy's and cache's bytes."""
+    setup = decode_setup(config, inputs, options, mesh, device_bytes, host_devices)
+    sampler, loop, copy, cache = setup.sampler, setup.loop, setup.copy, setup.cache
+    table, rows, slots = sampler.sharding, setup.rows, setup.slots
     rows_B, rows_BT = batch_sharding(mesh, 1, table), batch_sharding(mesh, 2, table)
-    strategy = Sampled(top_k=inputs.top_k > 0, top_p=inputs.top_p < 1)
-    loop = sampler.loop(inputs.n, strategy)
-    sampling = SamplingParams.make(1.0, inputs.top_p, inputs.top_k)
     key, positions = jax.random.key(0), jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_B)
-    prompt = jax.ShapeDtypeStruct((prompts, inputs.prompt_len), jnp.int32, sharding=rows_BT)
+    prompt = jax.ShapeDtypeStruct((setup.prompts, inputs.prompt_len), jnp.int32,
+                                  sharding=rows_BT)
     prefill_loop = sampler.loop(inputs.n)  # the prefill does not sample (one compile for all)
     prefill = prefill_loop.prefill.lower(
         prefill_loop, copy, prompt, jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=rows_BT)).compile()
     decode = loop.decode.lower(
         loop, copy, cache, jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32,
                                                 sharding=rows_BT),
-        positions, key, sampling).compile()
+        positions, key, setup.sampling).compile()
     prefixes = sampler.config.read_prefixes(slots)
-    first, last = (loop.step.lower(loop, copy, cache, positions, positions, key, sampling,
-                                   read).compile() for read in (prefixes[0], prefixes[-1]))
+    first, last = (setup.step_program(read) for read in (prefixes[0], prefixes[-1]))
     token = Cost.of(first).scaled(0.5)
     token = Cost(token.flops + Cost.of(last).flops / 2,
                  token.bytes_accessed + Cost.of(last).bytes_accessed / 2)
     copy_bytes = bytes_per_device(copy, jax.tree.map(lambda x: x.sharding, copy))
     kv_bytes = bytes_per_device(cache, jax.tree.map(lambda x: x.sharding, cache))
-    mean_read = (inputs.prompt_len + slots) / 2 / slots  # the share of the cache a step reads
-    return _Rollout(copy_bytes, kv_bytes, layout, prefill, decode, token, last,
+    # The share of the cache a step must read: the prompt and, on average, half the steps.
+    mean_read = (inputs.prompt_len + sampler.config.steps / 2) / slots
+    return _Rollout(copy_bytes, kv_bytes, setup.layout, prefill, decode, token, last,
                     int(copy_bytes + mean_read * kv_bytes),
-                    prefill_activations(config, inputs, mesh, table, prompts),
+                    prefill_activations(config, inputs, mesh, table, setup.prompts),
                     decode_temporaries(config, inputs, mesh, table, rows, slots))
 
 

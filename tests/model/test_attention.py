@@ -20,7 +20,7 @@ PADS = np.array([0, 37, 100])  # left padding of each row
 def _inputs():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
-               for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H)])
+               for s in [(B, T, N, H), (B, K, T, H), (B, K, T, H)])
     valid_BT = jnp.asarray(np.arange(T)[None] >= PADS[:, None])
     return q, k, v, AttentionMask(jnp.broadcast_to(jnp.arange(T), (B, T)), valid_BT)
 
@@ -50,7 +50,7 @@ def test_fused_attention_keeps_packed_segments_apart(implementation):
     want, got = run("einsum"), run(implementation)
     np.testing.assert_allclose(got[valid_BT], want[valid_BT], atol=2e-6)
     # The second segment's first query sees only itself: its output is its own value.
-    np.testing.assert_allclose(want[0, 40], np.repeat(np.asarray(v)[0, 40], N // K, axis=0),
+    np.testing.assert_allclose(want[0, 40], np.repeat(np.asarray(v)[0, :, 40], N // K, axis=0),
                                atol=1e-6)
 
 CONFIG = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -82,9 +82,9 @@ def test_training_forward_prefill_and_decode_match_the_einsum_model(implementati
         cache, first = sampler.loop(1).prefill(state, *pad_prompts(prompts, t, 0))
         # Padding slots hold whatever a padding query computed (implementations differ
         # there; nothing reads them).
-        real = np.asarray(cache.valid_BS)[None, :, :, None, None]
+        real = np.asarray(cache.valid_BS)[None, :, None, :, None]
         out[impl] = (np.where(valid[..., None], logits, 0.0), np.asarray(first),
-                     np.where(real, cache.k_LBSKH, 0.0), sample)
+                     np.where(real, cache.k_LBKSH, 0.0), sample)
     (logits_a, first_a, k_a, s_a), (logits_b, first_b, k_b, s_b) = out.values()
     np.testing.assert_allclose(logits_b, logits_a, atol=1e-5)  # training forward
     np.testing.assert_allclose(first_b, first_a, atol=1e-5)    # prefill logits
@@ -109,12 +109,12 @@ def test_resolve_picks_per_backend_and_refuses_what_cannot_run():
 def _reference(q, k, v, allowed_BTS):
     """Unblocked masked softmax attention in numpy float64."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    g = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    g = q.shape[2] // k.shape[1]
+    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    scores = np.einsum("btnh,bnsh->bnts", q, k) / np.sqrt(q.shape[-1])
     scores = np.where(np.asarray(allowed_BTS)[:, None], scores, -1e300)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bnts,bsnh->btnh", probs / probs.sum(-1, keepdims=True), v)
+    return np.einsum("bnts,bnsh->btnh", probs / probs.sum(-1, keepdims=True), v)
 
 
 def test_query_blocks_cover_every_slot_in_few_blocks():
@@ -135,7 +135,7 @@ def test_blocked_causal_einsum_equals_unblocked_attention(packed):
     t = 333
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
-               for s in [(B, t, N, H), (B, t, K, H), (B, t, K, H)])
+               for s in [(B, t, N, H), (B, K, t, H), (B, K, t, H)])
     slot = np.arange(t)
     if packed:
         ends = np.array([[100, 200, 333], [129, 300, 320], [5, 256, 257]])
@@ -160,8 +160,8 @@ def test_blocked_causal_einsum_equals_unblocked_attention(packed):
 
 def _full_einsum(q, k, v, allowed_BTS):
     """The einsum attention on the whole [T, S] mask in JAX (for gradients)."""
-    g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    g = q.shape[2] // k.shape[1]
+    k, v = jnp.repeat(k, g, axis=1), jnp.repeat(v, g, axis=1)
+    scores = jnp.einsum("btnh,bnsh->bnts", q, k) / np.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None], scores, -1e30), axis=-1)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    return jnp.einsum("bnts,bnsh->btnh", probs, v)

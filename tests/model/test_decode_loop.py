@@ -20,7 +20,7 @@ CONFIG = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      rope_theta=10000.0, tie_word_embeddings=False)
 PROMPTS = [[5, 17, 33, 9, 61, 2, 44], [40, 3], [12, 50, 7, 81 % VOCAB, 26], [60, 1, 33, 15]]
-R, CHUNK, BLOCK = 14, 4, 8
+R, CHUNK, BLOCK = 14, 4, 4
 # (temperature, top_p, top_k) per strategy
 CASES = {"greedy": (0.0, 1.0, 0), "sampled": (0.8, 1.0, 0), "top-k": (1.0, 1.0, 5),
          "top-p": (1.0, 0.8, 0), "top-k-top-p": (1.3, 0.9, 20)}
@@ -132,13 +132,15 @@ def test_loop_matches_the_token_by_token_reference_and_stops_mid_chunk(model, ca
 
 
 def test_reading_only_the_filled_blocks_changes_nothing(model):
-    """Blocks of 8 slots (a chunk reads 16 slots, or all 25) against one whole-cache read, on
-    a sampled strategy."""
+    """Blocks of 4 slots (a chunk reads 20, 24 or 28 slots, or all 32) against one
+    whole-cache read, on a sampled strategy."""
     graphdef, state = model
     config = SamplerConfig(R, (), PAD, chunk=CHUNK, cache_block=BLOCK)
-    assert config.steps == 17 and config.cache_slots(8) == 25
-    assert config.read_prefixes(25) == (16, 25)  # 24 would save less than a block
-    assert [int(config.read_index(8 + start - 1, 25)) for start in (1, 5, 9, 13)] == [0, 0, 1, 1]
+    # 8 + 17 slots, rounded up to whole SLOT_MULTIPLEs (32).
+    assert config.steps == 17 and config.cache_slots(8) == 32
+    # The first chunk is taken to start after 32 - 17 = 15 prompt slots (15 + 4 steps: 20).
+    assert config.read_prefixes(32) == (20, 24, 28, 32)
+    assert [int(config.read_index(8 + start - 1, 32)) for start in (1, 5, 9, 13)] == [0, 0, 0, 1]
     blocked = _sampler(graphdef).generate(state, PROMPTS, key=jax.random.key(2), n=2,
                                           temperature=0.9, top_k=10)
     whole = _sampler(graphdef, cache_block=None).generate(

@@ -259,7 +259,7 @@ def test_the_loop_is_a_frozen_hashable_static_argument():
 
 
 def test_cache_and_rows_land_on_the_tables_shardings(models):
-    """On (data 1, fsdp 4, tensor 2) the prefill's cache is the table's cache_LBSKH (K heads
+    """On (data 1, fsdp 4, tensor 2) the prefill's cache is the table's cache_LBKSH (K heads
     over tensor), the one the planner counts, and the outputs' rows go over (data, fsdp)."""
     _, graphdef, state = models
     mesh = make_mesh(1, 4, 2)
@@ -269,15 +269,15 @@ def test_cache_and_rows_land_on_the_tables_shardings(models):
     loop = sampler.loop(2)
     cache, logits_BV = loop.prefill(placed, sampler._put(tokens_PT), sampler._put(valid_PT))
     want = KVCache.shardings(CONFIG, mesh, FSDP_TP)
-    assert want.k_LBSKH.spec == P(None, ("data", "fsdp"), None, "tensor", None)
-    assert cache.k_LBSKH.sharding.is_equivalent_to(want.k_LBSKH, 5)
+    assert want.k_LBKSH.spec == P(None, ("data", "fsdp"), "tensor", None, None)
+    assert cache.k_LBKSH.sharding.is_equivalent_to(want.k_LBKSH, 5)
     slots = sampler.config.cache_slots(8)
-    assert slots == 8 + 3  # the first token, then one chunk of 2 steps
-    assert cache.k_LBSKH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, slots, 1, 8)
+    assert slots == 32  # 8 + 3 (the first token, then one chunk of 2 steps), in whole 32s
+    assert cache.k_LBKSH.addressable_shards[0].data.shape == (2, len(PROMPTS) * 2 // 4, 1, slots, 8)
     assert cache.valid_BS.sharding.is_equivalent_to(want.valid_BS, 2)
     out = loop.decode(placed, cache, logits_BV, sampler._put(valid_PT.sum(1).repeat(2)),
                       jax.random.key(0), SamplingParams.make(0.0))
-    assert cache.k_LBSKH.is_deleted()  # donated: the loop wrote into it
+    assert cache.k_LBKSH.is_deleted()  # donated: the loop wrote into it
     rows = lambda ndim: NamedSharding(mesh, P(("data", "fsdp"), *[None] * (ndim - 1)))
     assert out.tokens_BR.sharding.is_equivalent_to(rows(2), 2)
     assert out.lengths_B.sharding.is_equivalent_to(rows(1), 1)

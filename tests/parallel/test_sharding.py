@@ -148,7 +148,7 @@ def test_undivided_lists_what_the_mesh_replicates():
     assert undivided(params, make_mesh(1, 2, 4)) == [
         f"{field}: K=1 does not divide over tensor (4 devices); replicated along K"
         for field in ("k_DKH", "k_bias_KH", "v_DKH", "v_bias_KH", "act_BTKH", "scores_BKQTS",
-                      "cache_LBSKH")]
+                      "cache_LBKSH")]
     assert undivided(params, make_mesh(1, 8, 1)) == []
     _, tiny = nnx.split(init_model(TINY))
     assert undivided(tiny, make_mesh(1, 4, 2), FSDP_TP) == []

@@ -12,7 +12,8 @@ from jaxzero.rl.plan import PlanInputs, format_report, logprob_activations, plan
 
 @pytest.mark.parametrize("layout", ["replicated", pytest.param("tensor", marks=pytest.mark.slow)])
 def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
-    """B = 8 rows (16 replicated), S = 8 + 4 slots (the first token, then one chunk of 3), bfloat16 compute.
+    """B = 8 rows (16 replicated), S = 32 slots (8 + 4, the first token then one chunk of 3,
+    in whole SLOT_MULTIPLEs), bfloat16 compute.
     Replicated: the whole copy per device, rows over all 8 devices, K = 2 heads whole.
     Tensor over (fsdp 4 × tensor 2): heads, MLP and vocab over 8 devices where they divide
     (K = 2 does not), rows over data = 1."""
@@ -20,7 +21,7 @@ def test_decode_copy_and_kv_cache_are_counted_on_the_decode_layout(layout):
                         param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
                         remat=False, use_kl=False, decode_layout=layout)
     report = plan_memory(TINY, inputs, make_mesh(1, 4, 2))
-    layers, slots, h = TINY.num_hidden_layers, 12, TINY.head_dim
+    layers, slots, h = TINY.num_hidden_layers, 32, TINY.head_dim
     # Replicated: the 4 prompts are padded to one per device (as Sampler.generate pads them),
     # 16 rows over 8 devices.
     rows, heads = (16 // 8, 2) if layout == "replicated" else (8, 2)
