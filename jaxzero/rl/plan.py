@@ -280,6 +280,10 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                                micro_batches=inputs.micro_batches, sharding=sharding)
     params = abstract_on(abstract, fns.param_shardings)
     opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    # The rollout first: a decode layout the mesh cannot take is refused before the minutes
+    # the train programs take to compile.
+    rollout = _rollout(config, inputs, options, mesh, device_bytes,
+                       host_devices or jax.local_device_count())
     update, logprobs = _train_programs(fns, params, opt, inputs, mesh)
 
     p_bytes = bytes_per_device(abstract, fns.param_shardings)
@@ -287,8 +291,6 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
     ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
     resident = p_bytes + o_bytes + ref_bytes
-    rollout = _rollout(config, inputs, options, mesh, device_bytes,
-                       host_devices or jax.local_device_count())
 
     train_acts = train_activations(config, inputs, mesh, p_bytes)
     # The update's arguments are the policy, its optimizer state and the batch; the log-prob

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY
+from jaxzero.errors import ConfigError
 from jaxzero.parallel.sharding import make_mesh
 from jaxzero.rl.plan import PlanInputs, format_report, logprob_activations, plan_memory
 
@@ -69,3 +70,19 @@ def test_packed_runs_are_planned_on_their_rows():
     logprob = report.phase("log-prob pass")
     assert logprob.xla > report.opt_state and report.phase("update").cost.flops > 0
     assert report.peak >= logprob.computed > report.params + report.opt_state
+
+
+def test_a_decode_layout_the_mesh_cannot_take_is_refused_before_any_train_compile(monkeypatch):
+    """On a pod the train programs take minutes to compile: a tensor decode layout wider than
+    a host is refused first (seen on the 7B's plan for v5e:4x4, refused after 6:45)."""
+    from jaxzero.rl import plan
+
+    def compiled_too_early(*_):
+        raise AssertionError("the train programs compiled before the layout was checked")
+
+    monkeypatch.setattr(plan, "_train_programs", compiled_too_early)
+    inputs = PlanInputs(prompts_per_step=4, n=2, prompt_len=8, response_len=4, micro_batches=1,
+                        param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
+                        remat=False, use_kl=False, decode_layout="tensor")
+    with pytest.raises(ConfigError, match="more than one host's 4"):
+        plan_memory(TINY, inputs, make_mesh(1, 4, 2), host_devices=4)
