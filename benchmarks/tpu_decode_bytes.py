@@ -5,9 +5,9 @@ standalone decode step (`SamplerLoop.step`, the program `jaxzero plan` measures 
 with, built by the plan's own `decode_setup`) for a Qwen2.5 shape cut to `--layers` layers,
 on the replicated bfloat16 decode copy, at the last cache prefix of the seed's shape (1,024 +
 1,024 tokens, 128 rows over the topology's chips). It prints XLA's total FLOPs and bytes
-against what the step must read (the copy and the cache prefix), then the top-level instructions of
-the optimized program by the bytes of their operands and result (read from the HLO's
-shapes: a reading aid, not XLA's own per-instruction count).
+against what the step must read (the copy and the cache prefix), then the top-level
+instructions of the optimized program by the bytes of their operands and result (read from
+the HLO's shapes: a reading aid, not XLA's own per-instruction count).
 
     python benchmarks/tpu_decode_bytes.py --target tpu:v5p:2x2x1 --layers 2
 """
@@ -71,7 +71,7 @@ def main() -> None:
 
     from jaxzero.model.config import Qwen2Config
     from jaxzero.model.qwen2 import ModelOptions
-    from jaxzero.parallel.sharding import bytes_per_device, make_mesh
+    from jaxzero.parallel.sharding import make_mesh
     from jaxzero.rl.plan import Cost, PlanInputs, decode_setup
 
     d, f, heads, kv, tied = SHAPES[args.model]
@@ -92,15 +92,14 @@ def main() -> None:
     started = time.perf_counter()
     compiled = setup.step_program(read)
     cost = Cost.of(compiled)
-    copy = bytes_per_device(setup.copy, jax.tree.map(lambda x: x.sharding, setup.copy))
-    cache = bytes_per_device(setup.cache, jax.tree.map(lambda x: x.sharding, setup.cache))
+    copy, cache_read = setup.copy_bytes, setup.cache_bytes * read / setup.slots
     chip = tgt.device_peaks(spec, devices)
     print(f"{args.model} shape, {args.layers} layers, {setup.rows} rows, {setup.slots} cache "
           f"slots (reading {read}), {spec.name}: compiled in {time.perf_counter() - started:.1f} s")
     print(f"XLA cost model: {cost.flops / 1e9:.2f} GFLOP, {cost.bytes_accessed / 1e9:.3f} GB "
           f"accessed per device; the step must read the decode copy ({copy / 1e9:.3f} GB) and "
-          f"the cache it reads ({cache * read / setup.slots / 1e9:.3f} GB): "
-          f"{cost.bytes_accessed / (copy + cache * read / setup.slots):.2f}x that "
+          f"the cache it reads ({cache_read / 1e9:.3f} GB): "
+          f"{cost.bytes_accessed / (copy + cache_read):.2f}x that "
           f"({chip.name}, {chip.hbm_bandwidth / 1e9:g} GB/s: bound "
           f"{cost.bound_s(chip) * 1e3:.3f} ms)")
     print(f"{'operand+result MB':>18}  {'opcode':<22} {'instruction':<28} result")

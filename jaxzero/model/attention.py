@@ -96,9 +96,10 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask: Attent
 
     Keys and values come heads first, [B, K, S, H], as the cache stores them (on TPU the
     (S, H) minor dimensions tile without padding or relayout). Only the first S slots are
-    read, S the mask's key width (a cache holds more slots than a decode step has filled). `implementation` is one of
-    IMPLEMENTATIONS, or splash_interpret (the splash kernel interpreted, for tests on CPU);
-    the fused ones take causal self-attention (T == S) and leave the rest to the einsum."""
+    read, S the mask's key width (a cache holds more slots than a decode step has filled).
+    `implementation` is one of IMPLEMENTATIONS, or splash_interpret (the splash kernel
+    interpreted, for tests on CPU); the fused ones take causal self-attention (T == S) and
+    leave the rest to the einsum."""
     s = mask.key_valid_BS.shape[1]
     k_BKSH, v_BKSH = k_BKSH[:, :, :s], v_BKSH[:, :, :s]
     if implementation == "einsum" or q_BTNH.shape[1] != s:

@@ -48,9 +48,9 @@ class ModelOptions:
 class KVCache(NamedTuple):
     """Keys and values of every layer, preallocated for S slots, heads before slots: a
     layer's [B, K, S, H] is what attention reads, and on TPU the (S, H) minor dimensions tile
-    as (8, 128) with S a whole number of tiles (`sampler.SLOT_MULTIPLE`). Stored
-    [L, B, S, K, H], two KV heads tiled (K, H) as (2, 128) and every decode program copied
-    the whole cache into the update's layout and back.
+    as (8, 128) with S a whole number of tiles (`sampler.SLOT_MULTIPLE`). Slots before heads
+    ([L, B, S, K, H]) got (K, H) tiles of (2, 128) for two KV heads, and every decode program
+    copied the whole cache into the update's layout and back.
 
     `valid_BS` marks slots that hold a real (non-padding) token; `end` is the next slot
     to write, shared by the batch because prompts are left-padded to one length.

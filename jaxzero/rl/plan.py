@@ -376,6 +376,16 @@ class DecodeSetup(NamedTuple):
     slots: int              # cache slots
     sampling: SamplingParams
 
+    @property
+    def copy_bytes(self) -> int:
+        """Per-device bytes of the decode copy."""
+        return bytes_per_device(self.copy, jax.tree.map(lambda x: x.sharding, self.copy))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Per-device bytes of the KV cache."""
+        return bytes_per_device(self.cache, jax.tree.map(lambda x: x.sharding, self.cache))
+
     def step_program(self, read: int):
         """The compiled standalone decode step reading the cache's first `read` slots."""
         positions = jax.ShapeDtypeStruct((self.rows,), jnp.int32,
@@ -439,8 +449,7 @@ def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mes
     token = Cost.of(first).scaled(0.5)
     token = Cost(token.flops + Cost.of(last).flops / 2,
                  token.bytes_accessed + Cost.of(last).bytes_accessed / 2)
-    copy_bytes = bytes_per_device(copy, jax.tree.map(lambda x: x.sharding, copy))
-    kv_bytes = bytes_per_device(cache, jax.tree.map(lambda x: x.sharding, cache))
+    copy_bytes, kv_bytes = setup.copy_bytes, setup.cache_bytes
     # The share of the cache a step must read: the prompt and, on average, half the steps.
     mean_read = (inputs.prompt_len + sampler.config.steps / 2) / slots
     return _Rollout(copy_bytes, kv_bytes, setup.layout, prefill, decode, token, last,
