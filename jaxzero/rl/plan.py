@@ -33,6 +33,7 @@ from jaxzero.model.qwen2 import KVCache, ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.model.sampler import Sampler, decode_model
 from jaxzero.model.sampling import Sampled, SamplingParams
+from jaxzero.parallel.loop_cost import loop_cost
 from jaxzero.parallel.target import Chip
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, abstract_on, batch_sharding,
                                        bytes_per_device, choose_decode_layout, decode_table,
@@ -126,16 +127,17 @@ def _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk):
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Per-device work of one call of a compiled program, from XLA's cost model."""
+    """Per-device work of one call of a compiled program, from XLA's cost model with every
+    loop counted for its trip count (`parallel.loop_cost`; XLA's own figure charges a scanned
+    program one layer of one micro-batch)."""
 
     flops: float
     bytes_accessed: float
 
     @classmethod
     def of(cls, compiled) -> "Cost":
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        return cls(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
+        cost = loop_cost(compiled)
+        return cls(cost.flops, cost.bytes_accessed)
 
     def scaled(self, factor: float) -> "Cost":
         return Cost(self.flops * factor, self.bytes_accessed * factor)
