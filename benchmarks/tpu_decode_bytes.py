@@ -54,6 +54,32 @@ def entry_instructions(hlo: str) -> list[tuple[int, str, str, str]]:
     return sorted(rows, reverse=True)
 
 
+def loop_against_steps(setup, mesh, vocab: int) -> str:
+    """The whole decode loop's cost per token beside its standalone steps'. Each of the
+    loop's prefix loops stops on data, so `loop_cost` charges it one chunk: the loop's count
+    over (prefix loops x chunk steps) is its cost per token at those prefixes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxzero.parallel.loop_cost import loop_cost
+    from jaxzero.rl.plan import Cost
+
+    rows = NamedSharding(mesh, P(setup.sampler.sharding.rows_B[0]))
+    compiled = setup.loop.decode.lower(
+        setup.loop, setup.copy, setup.cache,
+        jax.ShapeDtypeStruct((setup.rows, vocab), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((setup.rows,), jnp.int32, sharding=rows), jax.random.key(0),
+        setup.sampling).compile()
+    loop = loop_cost(compiled)
+    prefixes = setup.sampler.config.read_prefixes(setup.slots)
+    steps = [Cost.of(setup.step_program(read)).bytes_accessed for read in prefixes]
+    tokens = len(loop.uncounted) * setup.sampler.config.chunk_steps
+    return (f"decode loop: {loop.bytes_accessed / tokens / 1e9:.3f} GB per token over "
+            f"{len(loop.uncounted)} prefix loops; its steps at those prefixes: "
+            f"{np.mean(steps) / 1e9:.3f} GB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="tpu:v5p:2x2x1")
@@ -63,6 +89,9 @@ def main() -> None:
     ap.add_argument("--prefix", choices=("first", "last"), default="last",
                     help="the cache prefix the step reads: the first chunk's or the whole cache")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--loop", action="store_true",
+                    help="also compile the whole decode loop and compare its cost per token "
+                         "with the standalone steps'")
     args = ap.parse_args()
     spec = tgt.parse_target(args.target)
     tgt.prepare_environment(spec)  # before jax is imported
@@ -102,6 +131,8 @@ def main() -> None:
           f"{cost.bytes_accessed / (copy + cache_read):.2f}x that "
           f"({chip.name}, {chip.hbm_bandwidth / 1e9:g} GB/s: bound "
           f"{cost.bound_s(chip) * 1e3:.3f} ms)")
+    if args.loop:
+        print(loop_against_steps(setup, mesh, config.vocab_size))
     print(f"{'operand+result MB':>18}  {'opcode':<22} {'instruction':<28} result")
     for total, op, name, shape in entry_instructions(compiled.as_text())[:args.top]:
         print(f"{total / 1e6:18.1f}  {op:<22} {name[:28]:<28} {shape[:90]}")

@@ -130,7 +130,7 @@ def _os_error(err: BaseException) -> tuple[int, str | None] | None:
 
 
 def _flat(tree) -> dict[str, Any]:
-    # `params.layers.0.attn.q`: the same dotted name orbax gives the stored array.
+    # `params.layers.attn.q_DNH`: the same dotted name orbax gives the stored array.
     return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -408,4 +408,9 @@ class CheckpointStore:
         if problems:
             more = len(problems) - _MAX_LISTED
             listed = problems[:_MAX_LISTED] + ([f"and {more} more"] if more > 0 else [])
+            per_layer = lambda names: any(re.search(r"\.layers\.\d+\.", n) for n in names)
+            if per_layer(stored) and not per_layer(expected):
+                listed.append("its decoder layers are stored one by one, as jaxzero wrote them "
+                              "before it stacked them for the layer scan: export it to HF "
+                              "with the jaxzero that wrote it, then convert that again")
             raise CheckpointError(f"{where} does not match: " + "; ".join(listed))

@@ -9,6 +9,7 @@ weights are [out, in] and are transposed on the way in and out.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from jaxzero.io import staging
 from jaxzero.model.qwen2 import ModelOptions, abstract_model
 from jaxzero.model.config import Qwen2Config
 from jaxzero.parallel import distributed
-from jaxzero.parallel.sharding import to_host
+from jaxzero.parallel.sharding import STACKED, to_host
 from jaxzero.parallel.trees import path_name
 
 SINGLE_FILE = "model.safetensors"
@@ -54,10 +55,11 @@ class TensorMap:
     """One HF tensor and the jaxzero parameter it becomes."""
 
     hf_name: str
-    path: tuple[str | int, ...]   # key path in the pure-dict state (layer indices are ints)
+    path: tuple[str, ...]         # key path in the pure-dict state
     hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]        # ours: one layer's, for a stacked decoder parameter
     transposed: bool              # a torch Linear weight: HF [out, in], ours [in, ...out]
+    layer: int | None = None      # the index along a stacked parameter's leading L axis
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         return (x.T if self.transposed else x).reshape(self.shape)
@@ -73,7 +75,8 @@ class TensorMap:
 
 
 def tensor_table(config: Qwen2Config) -> list[TensorMap]:
-    """Every tensor of an HF Qwen2ForCausalLM checkpoint with `config`, in HF's order."""
+    """Every tensor of an HF Qwen2ForCausalLM checkpoint with `config`, in HF's order. HF's
+    `model.layers.{i}.*` are layer i of our stacked `layers.*` parameters."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # Per layer: HF name suffix, our key path suffix, HF shape, our shape, transposed.
@@ -93,8 +96,8 @@ def tensor_table(config: Qwen2Config) -> list[TensorMap]:
     ]
     table = [TensorMap("model.embed_tokens.weight", ("embed_VD",), (v, d), (v, d), False)]
     for i in range(config.num_hidden_layers):
-        table += [TensorMap(f"model.layers.{i}.{name}", ("layers", i) + path, hf_shape, shape,
-                            transposed) for name, path, hf_shape, shape, transposed in layer]
+        table += [TensorMap(f"model.layers.{i}.{name}", (STACKED,) + path, hf_shape, shape,
+                            transposed, i) for name, path, hf_shape, shape, transposed in layer]
     table.append(TensorMap("model.norm.weight", ("norm_D",), (d,), (d,), False))
     if not config.tie_word_embeddings:
         table.append(TensorMap("lm_head.weight", ("lm_head_VD",), (v, d), (v, d), False))
@@ -314,7 +317,8 @@ def load_hf_checkpoint(hf_dir: str | Path, *, param_dtype, shardings=None):
     dtype = np.dtype(jnp.dtype(param_dtype))
     _, state = abstract_model(config, ModelOptions(param_dtype=dtype))
     where = _flat_shardings(shardings, table)
-    params: dict = {}
+    shapes = param_shapes(table, config)
+    flat: dict[tuple, jax.Array] = {}
     order = sorted(table, key=lambda t: t.size, reverse=True)
     for t in tqdm(order, desc=f"reading {hf_dir.name}", unit="tensor",
                   disable=_no_progress()):
@@ -322,11 +326,52 @@ def load_hf_checkpoint(hf_dir: str | Path, *, param_dtype, shardings=None):
         # count as resident until the mapping closes.
         with safe_open(found[t.hf_name].file, framework="numpy") as f:
             x = t.to_ours(f.get_tensor(t.hf_name)).astype(dtype, copy=False)
-        _set_path(params, t.path, jax.make_array_from_callback(
-            t.shape, where[t.path], lambda index, x=x: x[index]))
+        if t.layer is None:
+            flat[t.path] = jax.make_array_from_callback(
+                t.shape, where[t.path], lambda index, x=x: x[index])
+        else:
+            if t.path not in flat:
+                flat[t.path] = _zeros(shapes[t.path], dtype, where[t.path])
+            layer = jax.make_array_from_callback(
+                t.shape, _layer_sharding(where[t.path]), lambda index, x=x: x[index])
+            flat[t.path] = _set_layer(flat[t.path], layer, np.int32(t.layer))
         del x
+    params: dict = {}
+    for path, x in flat.items():
+        _set_path(params, path, x)
     nnx.replace_by_pure_dict(state, params)
     return config, state
+
+
+def param_shapes(table: list[TensorMap], config: Qwen2Config) -> dict[tuple, tuple[int, ...]]:
+    """The shape of each of our parameters: a stacked one's is [L, one layer's shape]."""
+    return {t.path: t.shape if t.layer is None else (config.num_hidden_layers, *t.shape)
+            for t in table}
+
+
+def _layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked parameter (whose L axis is never sharded)."""
+    if isinstance(stacked, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(
+            *stacked.spec[1:]))
+    return stacked  # one device
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+# The stacked parameter is donated: each layer is written into it in place, so the devices
+# hold the parameters plus one layer's tensor, not two copies of a stacked one.
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked_LX: jax.Array, x_X: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked_LX, x_X.astype(stacked_LX.dtype),
+                                               layer, 0)
+
+
+@jax.jit
+def _get_layer(stacked_LX: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stacked_LX, layer, 0, keepdims=False)
 
 
 # ---------------------------------------------------------------- export
@@ -469,11 +514,11 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
     np_dtype = _ST_DTYPES[st_dtype]
     flat = flatten_pure(pure_params(state_or_model))
     table = tensor_table(config)
-    want = {t.path: t for t in table}
+    want = param_shapes(table, config)
     problems = _key_problems(set(want), set(flat))
     problems += [f"{path_name(p)} has shape {tuple(flat[p].shape)}, the config says "
-                 f"{t.shape}" for p, t in want.items()
-                 if p in flat and tuple(flat[p].shape) != t.shape]
+                 f"{shape}" for p, shape in want.items()
+                 if p in flat and tuple(flat[p].shape) != shape]
     if problems:
         raise CheckpointError("parameters do not match the model config: " + "; ".join(problems))
 
@@ -498,7 +543,8 @@ def export_hf(state_or_model, config: Qwen2Config, out_dir: str | Path, *,
         for file_name, tensors in shards:
             writer = _SafetensorsWriter(work / file_name, tensors, st_dtype) if main else None
             for t in tensors:
-                host = to_host(flat[t.path])
+                x = flat[t.path]
+                host = to_host(x if t.layer is None else _get_layer(x, np.int32(t.layer)))
                 if writer is not None:
                     writer.write(t.hf_name, t.to_hf(host).astype(np_dtype, copy=False))
                 del host

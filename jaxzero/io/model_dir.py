@@ -127,7 +127,7 @@ def save_converted(out_dir: str | Path, model_or_state, config: Qwen2Config,
         raise refused
     params = hf_io.pure_params(model_or_state)
     flat = hf_io.flatten_pure(params)
-    want = {t.path: t.shape for t in hf_io.tensor_table(config)}
+    want = hf_io.param_shapes(hf_io.tensor_table(config), config)
     if {p: tuple(x.shape) for p, x in flat.items()} != want:
         raise CheckpointError("parameters do not match the model config")
     param_dtype = _param_dtype_name(flat)

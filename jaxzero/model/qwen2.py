@@ -7,7 +7,8 @@ fields of `jaxzero.parallel.sharding.ShardingConfig`):
   T tokens of a sequence in this call (prompt + response in the train step, the prompt
     bucket in a prefill); R response tokens; S key/value slots (T without a cache, the
     cache length with one)
-  L layers; D model width; F MLP width; N query heads; K KV heads; Q query heads per KV
+  L layers (the decoder blocks' parameters are stacked along a leading L axis and run by one
+    `lax.scan`); D model width; F MLP width; N query heads; K KV heads; Q query heads per KV
     head (N = K·Q); H head dim; V vocab
   C chunks (of response positions, of vocab blocks); W the width of one chunk
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import Mesh, NamedSharding
 
 from jaxzero.model.attention import AttentionMask, attend
@@ -67,6 +69,18 @@ class KVCache(NamedTuple):
                  config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, slots), jnp.bool_), jnp.zeros((), jnp.int32))
+
+    def in_layout(self, platform: str) -> "KVCache":
+        """On TPU, the cache with keys and values held to their row-major layout ((S, H)
+        minor), as a loop carries it: left free, XLA:TPU gives a loop's cache carry (B, H)
+        tiles (what the one-slot update prefers) and attention relayouts every layer's slots
+        each step. Elsewhere the cache as it is: XLA:CPU's partitioner gathers a
+        layout-constrained sharded array whole (`tests/rl/test_decode_copy.py`)."""
+        if platform != "tpu":
+            return self
+        major_to_minor = Layout(major_to_minor=tuple(range(self.k_LBKSH.ndim)))
+        return self._replace(k_LBKSH=with_layout_constraint(self.k_LBKSH, major_to_minor),
+                             v_LBKSH=with_layout_constraint(self.v_LBKSH, major_to_minor))
 
     @classmethod
     def shardings(cls, config: Qwen2Config, mesh: Mesh, table: ShardingConfig) -> "KVCache":
@@ -115,6 +129,23 @@ def take_rows(table_VD: jax.Array, tokens_BT: jax.Array, options: "ModelOptions"
     return jax.lax.bitcast_convert_type(jnp.take(bits_VD, tokens_BT, axis=0), table_VD.dtype)
 
 
+def layer_slices(stacked, options: "ModelOptions"):
+    """The stacked layer parameters as the layer scan slices them, and the function that
+    turns one slice back into parameters. A forward-only model on CPU slices 16-bit floats
+    as 16-bit integers: XLA:CPU dynamic-slices bfloat16 in float32 and, in a decode loop,
+    hoists a float32 copy of every stacked weight out of the loop."""
+    if not options.forward_only or options.platform != "cpu":
+        return stacked, lambda params: params
+    halves = lambda x: x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+    dtypes = jax.tree.map(lambda x: x.dtype, stacked)
+    as_bits = jax.tree.map(
+        lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if halves(x) else x, stacked)
+    back = lambda params: jax.tree.map(
+        lambda x, dtype: jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x,
+        params, dtypes)
+    return as_bits, back
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -137,6 +168,8 @@ class Attention(nnx.Module):
         self.options = options
 
     def __call__(self, x_BTD, positions_BT, mask: AttentionMask, layer, cache):
+        """`layer` (an int32 scalar, traced in the layer scan) is this block's index in the
+        stacked cache."""
         cfg, cd, shd = self.config, self.options.compute_dtype, self.options.sharding
         q_BTNH = project("BTD,DNH->BTNH", x_BTD, self.q_DNH[...], self.options)
         q_BTNH = constrain(q_BTNH + self.q_bias_NH[...].astype(cd), shd.act_BTNH)
@@ -155,8 +188,10 @@ class Attention(nnx.Module):
                                    v_LBKSH=write(cache.v_LBKSH, v_BKTH))
             # The slots attention reads, sliced from the stacked cache in one step (the layer
             # taken whole first is a copy of it on TPU whenever fewer slots are read).
-            s = mask.key_valid_BS.shape[1]
-            k_BKSH, v_BKSH = cache.k_LBKSH[layer, :, :, :s], cache.v_LBKSH[layer, :, :, :s]
+            b, k, _, h = k_BKTH.shape
+            read = lambda c: jax.lax.dynamic_slice(
+                c, (layer, 0, 0, 0, 0), (1, b, k, mask.key_valid_BS.shape[1], h))[0]
+            k_BKSH, v_BKSH = read(cache.k_LBKSH), read(cache.v_LBKSH)
         else:
             k_BKSH, v_BKSH = k_BKTH, v_BKTH
 
@@ -201,8 +236,12 @@ class Block(nnx.Module):
         return x_BTD, cache
 
 
-def _run_block(block, x_BTD, positions_BT, mask, layer, cache):
-    return block(x_BTD, positions_BT, mask, layer, cache)
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose parameters are those of `blocks` stacked along a new leading L axis
+    (each keeps the values it was initialised with)."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -214,8 +253,10 @@ class Qwen2ForCausalLM(nnx.Module):
         self.config = config
         self.options = options
         self.embed_VD = _normal(rngs, (config.vocab_size, config.hidden_size), pd)
-        self.layers = nnx.List([Block(config, options, rngs)
-                                for _ in range(config.num_hidden_layers)])
+        # Every decoder block in one: parameters [L, ...], run by `lax.scan`, so a program
+        # holds one block's code however deep the model is.
+        self.layers = stack_blocks([Block(config, options, rngs)
+                                    for _ in range(config.num_hidden_layers)])
         self.norm_D = nnx.Param(jnp.ones((config.hidden_size,), pd))
         if not config.tie_word_embeddings:
             self.lm_head_VD = _normal(rngs, (config.vocab_size, config.hidden_size), pd)
@@ -260,10 +301,22 @@ class Qwen2ForCausalLM(nnx.Module):
             cache = cache._replace(valid_BS=key_valid_BS)
             key_valid_BS = key_valid_BS[:, :read_slots]  # attend reads as many slots
         mask = AttentionMask(query_slot_BT, key_valid_BS, segments_BT)
-        run = nnx.remat(_run_block, static_argnums=(4,)) if self.options.remat else _run_block
-        for layer, block in enumerate(self.layers):
-            x_BTD, cache = run(block, x_BTD, positions_BT, mask, layer, cache)
-            x_BTD = constrain(x_BTD, shd.act_BTD)
+        graphdef, stacked = nnx.split(self.layers)
+        sliced, params_of = layer_slices(stacked, self.options)
+
+        def block(carry, layer_and_params):
+            x_BTD, cache = carry
+            layer, params = layer_and_params
+            x_BTD, cache = nnx.merge(graphdef, params_of(params))(x_BTD, positions_BT, mask,
+                                                                   layer, cache)
+            if cache is not None:  # the layer loop carries the cache: keep its layout
+                cache = cache.in_layout(self.options.platform)
+            return (constrain(x_BTD, shd.act_BTD), cache), None
+
+        if self.options.remat:  # the backward pass keeps each block's input, recomputes the rest
+            block = jax.checkpoint(block, prevent_cse=False)
+        layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x_BTD, cache), _ = jax.lax.scan(block, (x_BTD, cache), (layers, sliced))
         if cache is not None:
             cache = cache._replace(end=cache.end + t)
         return rms_norm(x_BTD, self.norm_D[...], self.config.rms_norm_eps), cache

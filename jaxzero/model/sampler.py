@@ -282,26 +282,29 @@ class SamplerLoop:
                 last_B = jax.lax.dynamic_slice_in_dim(s.tokens_BR, s.step - 1, 1, axis=1)[:, 0]
                 logits_BV, cache = _next_logits(model, s.cache, last_B, ~s.done_B,
                                                 positions_B + s.step - 1, read)
-                return record(s, logits_BV, cache)
+                return record(s, logits_BV, cache.in_layout(model.options.platform))
             return body
-
-        # One branch per cache prefix: a chunk's steps read the blocks it can have written by
-        # its end, a static slice (one branch is chosen per chunk, none per token).
-        chunks = [functools.partial(jax.lax.fori_loop, 0, w, token_step(read))
-                  for read in prefixes]
-
-        def chunk(s: DecodeState) -> DecodeState:
-            return jax.lax.switch(config.read_index(s.cache.end, slots), chunks, s)
 
         def more(s: DecodeState):
             return (s.step < r) & ~jnp.all(s.done_B)
+
+        # One loop per cache prefix, in turn: its chunks' steps read the blocks a chunk can
+        # have written by its end, a static slice. Loops in sequence rather than a switch
+        # between chunk loops: XLA:TPU copies a buffer that passes through a conditional, and
+        # the whole cache was copied in and out of every step (4 copies a token).
+        def prefix_loop(index: int, read: int):
+            chunk = functools.partial(jax.lax.fori_loop, 0, w, token_step(read))
+            within = lambda s: more(s) & (config.read_index(s.cache.end, slots) == index)
+            return functools.partial(jax.lax.while_loop, within, chunk)
 
         width = config.steps
         start = DecodeState(
             step=jnp.int32(0), tokens_BR=jnp.full((b, width), config.pad_id, jnp.int32),
             logprobs_BR=jnp.zeros((b, width), jnp.float32), lengths_B=jnp.zeros((b,), jnp.int32),
             done_B=jnp.zeros((b,), jnp.bool_), cache=cache)
-        end = jax.lax.while_loop(more, chunk, record(start, logits_BV, cache))
+        end = record(start, logits_BV, cache)
+        for index, read in enumerate(prefixes):
+            end = prefix_loop(index, read)(end)
         mask_BR = jnp.arange(r)[None, :] < end.lengths_B[:, None]
         rows = lambda x: constrain(x, shd.rows_BT if x.ndim == 2 else shd.rows_B)
         return Decoded(tokens_BR=rows(end.tokens_BR[:, :r]), mask_BR=rows(mask_BR),

@@ -284,15 +284,34 @@ def traced_under(mesh: Mesh, fn):
 # ----------------------------------------------------------------------------- parameters
 
 
+# The model's decoder blocks are stored under this key, stacked: their parameters carry a
+# leading L axis (the layer scan's), which is never sharded.
+STACKED = "layers"
+
+
+def _stacked(path) -> bool:
+    return dict_keys(path)[:1] == (STACKED,)
+
+
+def param_letters(path) -> str:
+    """The dimensions of the parameter at `path`: its name's letters, after L when stacked."""
+    return ("L" if _stacked(path) else "") + letters(leaf_name(path))
+
+
+def param_rule(path, table: ShardingConfig = FSDP_TP) -> P:
+    """The unfitted spec of the parameter at `path`: its table field's, after an unsharded L
+    when stacked."""
+    try:
+        spec = table.param_spec(leaf_name(path))
+    except KeyError as e:
+        raise KeyError(f"parameter {path_name(path)}: {e.args[0]}") from None
+    return P(None, *spec) if _stacked(path) else spec
+
+
 def param_specs(state, mesh: Mesh, table: ShardingConfig = FSDP_TP):
     """The PartitionSpec of each parameter, from the table, fitted to its shape."""
-    def spec(path, leaf):
-        try:
-            rule = table.param_spec(leaf_name(path))
-        except KeyError as e:
-            raise KeyError(f"parameter {path_name(path)}: {e.args[0]}") from None
-        return fit_spec(rule, leaf.shape, mesh)[0]
-    return jax.tree_util.tree_map_with_path(spec, state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: fit_spec(param_rule(path, table), leaf.shape, mesh)[0], state)
 
 
 def param_shardings(state, mesh: Mesh, table: ShardingConfig = FSDP_TP):
@@ -331,10 +350,10 @@ def follow_params(tree, params, mesh: Mesh, table: ShardingConfig = FSDP_TP):
 
 def dims_of(params) -> dict[str, int]:
     """The size of each dimension letter the parameters name (`q_DNH` [64, 4, 16] gives D, N,
-    H), plus Q = N / K; raises if two parameters disagree on a letter."""
+    H; a stacked decoder parameter L too), plus Q = N / K; raises if two parameters disagree on a letter."""
     dims: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        for letter, size in zip(letters(leaf_name(path)), leaf.shape):
+        for letter, size in zip(param_letters(path), leaf.shape):
             if dims.setdefault(letter, size) != size:
                 raise ValueError(f"{path_name(path)}: {letter}={size}, but another parameter "
                                  f"has {letter}={dims[letter]}")
@@ -369,7 +388,7 @@ def describe(state, mesh: Mesh, table: ShardingConfig = FSDP_TP) -> list[str]:
     """One line per parameter: its shape, spec and per-device shard shape (for logs and plan)."""
     lines = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        spec, _ = fit_spec(table.param_spec(leaf_name(path)), leaf.shape, mesh)
+        spec, _ = fit_spec(param_rule(path, table), leaf.shape, mesh)
         shard = NamedSharding(mesh, spec).shard_shape(leaf.shape)
         lines.append(f"{path_name(path):45s} {str(leaf.shape):22s} {str(spec):40s} {shard}")
     return lines

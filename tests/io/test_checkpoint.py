@@ -168,6 +168,11 @@ def test_error_messages(tmp_path):
     assert "this model expects params.final_norm, which the checkpoint lacks" in str(info.value)
     assert "checkpoint has params.norm, which this model does not expect" in str(info.value)
 
+    stacked = {"params": {"layers": {"attn": {"q": jnp.zeros((1, 64, 4, 16))}},
+                          "norm": jnp.ones(4)}}
+    with pytest.raises(CheckpointError, match="decoder layers are stored one by one"):
+        store.restore(abstract_arrays=replicated_abstract(stacked))
+
     with pytest.raises(CheckpointError, match="has no opt_state"):
         store.restore(abstract_arrays=replicated_abstract(
             {"params": arrays["params"], "opt_state": {"mu": jnp.ones(4)}}))

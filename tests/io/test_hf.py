@@ -34,7 +34,9 @@ def test_table_covers_the_model_exactly(tie):
     _, abstract = abstract_model(config)
     flat = {p: tuple(x.shape) for p, x in hf_io.flatten_pure(nnx.to_pure_dict(abstract)).items()}
     table = hf_io.tensor_table(config)
-    assert {t.path: t.shape for t in table} == flat
+    assert hf_io.param_shapes(table, config) == flat
+    layers = [t.layer for t in table if t.path == ("layers", "attn", "q_DNH")]
+    assert layers == [0, 1, 2]  # one HF tensor per layer of the stacked parameter
     assert len({t.hf_name for t in table}) == len(table)
     assert sum(t.size for t in table) == config.num_params()
     x = np.arange(12 * 4 * 32).reshape(48, 32)  # q_proj [N*H, D]
@@ -187,7 +189,7 @@ def test_loads_onto_shardings_and_exports_from_them(tmp_path, untied_model):
 def test_shardings_must_match_the_parameters(tmp_path, untied_model):
     src = save_hf(untied_model, tmp_path / "hf")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with pytest.raises(ValueError, match="missing layers.0.attn.k_DKH, .* and 16 more$"):
+    with pytest.raises(ValueError, match="missing layers.attn.k_DKH, .* and 4 more$"):
         hf_io.load_hf_checkpoint(src, param_dtype="float32", shardings={"embed_VD": device})
 
 

@@ -52,21 +52,22 @@ def _copy_from_hf(hf):
     model.embed_VD[...] = t(sd["model.embed_tokens.weight"])
     model.norm_D[...] = t(sd["model.norm.weight"])
     model.lm_head_VD[...] = t(sd["lm_head.weight"])
-    for i, block in enumerate(model.layers):
-        pre = f"model.layers.{i}."
-        w = lambda name: t(sd[pre + name])
-        block.attn_norm_D[...] = w("input_layernorm.weight")
-        block.mlp_norm_D[...] = w("post_attention_layernorm.weight")
-        block.attn.q_DNH[...] = w("self_attn.q_proj.weight").T.reshape(d, n, h)
-        block.attn.q_bias_NH[...] = w("self_attn.q_proj.bias").reshape(n, h)
-        block.attn.k_DKH[...] = w("self_attn.k_proj.weight").T.reshape(d, k, h)
-        block.attn.k_bias_KH[...] = w("self_attn.k_proj.bias").reshape(k, h)
-        block.attn.v_DKH[...] = w("self_attn.v_proj.weight").T.reshape(d, k, h)
-        block.attn.v_bias_KH[...] = w("self_attn.v_proj.bias").reshape(k, h)
-        block.attn.o_NHD[...] = w("self_attn.o_proj.weight").T.reshape(n, h, d)
-        block.mlp.gate_DF[...] = w("mlp.gate_proj.weight").T
-        block.mlp.up_DF[...] = w("mlp.up_proj.weight").T
-        block.mlp.down_FD[...] = w("mlp.down_proj.weight").T
+    # Each HF layer's tensor becomes row i of the stacked parameter.
+    w = lambda name, to_ours: jnp.stack([to_ours(t(sd[f"model.layers.{i}.{name}"]))
+                                         for i in range(CONFIG.num_hidden_layers)])
+    block = model.layers
+    block.attn_norm_D[...] = w("input_layernorm.weight", lambda x: x)
+    block.mlp_norm_D[...] = w("post_attention_layernorm.weight", lambda x: x)
+    block.attn.q_DNH[...] = w("self_attn.q_proj.weight", lambda x: x.T.reshape(d, n, h))
+    block.attn.q_bias_NH[...] = w("self_attn.q_proj.bias", lambda x: x.reshape(n, h))
+    block.attn.k_DKH[...] = w("self_attn.k_proj.weight", lambda x: x.T.reshape(d, k, h))
+    block.attn.k_bias_KH[...] = w("self_attn.k_proj.bias", lambda x: x.reshape(k, h))
+    block.attn.v_DKH[...] = w("self_attn.v_proj.weight", lambda x: x.T.reshape(d, k, h))
+    block.attn.v_bias_KH[...] = w("self_attn.v_proj.bias", lambda x: x.reshape(k, h))
+    block.attn.o_NHD[...] = w("self_attn.o_proj.weight", lambda x: x.T.reshape(n, h, d))
+    block.mlp.gate_DF[...] = w("mlp.gate_proj.weight", lambda x: x.T)
+    block.mlp.up_DF[...] = w("mlp.up_proj.weight", lambda x: x.T)
+    block.mlp.down_FD[...] = w("mlp.down_proj.weight", lambda x: x.T)
     return nnx.split(model)
 
 

@@ -57,16 +57,16 @@ def test_sharded_equals_single_device(single, mesh_shape):
 def test_parameters_are_really_sharded():
     mesh = make_mesh(1, 4, 2)
     _, _, _, _, params, opt_state = _run(mesh)
-    q = params["layers"][0]["attn"]["q_DNH"].value
-    assert q.sharding.spec == P("fsdp", "tensor", None)
-    assert q.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
-    up = params["layers"][1]["mlp"]["up_DF"].value
-    assert up.addressable_shards[0].data.shape == (16, 64)
+    q = params["layers"]["attn"]["q_DNH"].value  # stacked: [L, D, N, H], L never sharded
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
+    up = params["layers"]["mlp"]["up_DF"].value
+    assert up.addressable_shards[0].data.shape == (2, 16, 64)
     embed = params["embed_VD"].value
     assert embed.sharding.spec == P("tensor", "fsdp")
     # Adam moments follow their parameter.
-    mu = opt_state[1][0].mu["layers"][0]["attn"]["q_DNH"].value
-    assert mu.sharding.spec == P("fsdp", "tensor", None)
+    mu = opt_state[1][0].mu["layers"]["attn"]["q_DNH"].value
+    assert mu.sharding.spec == P(None, "fsdp", "tensor", None)
     assert mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
 
 
@@ -76,8 +76,8 @@ def test_indivisible_heads_are_replicated():
     mesh = make_mesh(1, 2, 4)
     _, params = nnx.split(init_model(cfg))
     shard = param_shardings(params, mesh)
-    assert shard["layers"][0]["attn"]["k_DKH"].value.spec == P("fsdp", None, None)
-    assert shard["layers"][0]["attn"]["q_DNH"].value.spec == P("fsdp", "tensor", None)
+    assert shard["layers"]["attn"]["k_DKH"].value.spec == P(None, "fsdp", None, None)
+    assert shard["layers"]["attn"]["q_DNH"].value.spec == P(None, "fsdp", "tensor", None)
 
 
 def test_every_parameter_has_a_rule():

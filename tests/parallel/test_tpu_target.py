@@ -110,9 +110,19 @@ def test_the_decode_loop_reads_bfloat16_weights_and_gathers_nothing(planned):
     assert f"u16[{SMALL.vocab_size},{SMALL.hidden_size}]" not in hlo
 
 
+def _loop_bodies(hlo: str) -> str:
+    """The text of every while loop body of an HLO module (the per-token code of a decode)."""
+    names = set(re.findall(r" while\(.*?body=%?([\w.\-]+)", hlo))
+    blocks = re.findall(r"^%?([\w.\-]+) \(.*?\{$(.*?)^\}", hlo, flags=re.M | re.S)
+    return "\n".join(text for name, text in blocks if name in names)
+
+
 def test_the_kv_cache_is_updated_in_place(planned):
-    """The decode loop's donated cache aliases its output, and no instruction copies a whole
-    layer-stacked cache buffer (one per token would be the full copy)."""
+    """The decode loop's donated cache aliases its output, and no loop body copies a whole
+    layer-stacked cache buffer (that would be a copy per token). Failed before the decode
+    ran its chunks as one loop per cache prefix (a `switch` between chunk loops: 4 copies a
+    token, k and v in and out of the branch) and before the carry's layout was pinned
+    (`KVCache.in_layout`: a (B, H)-tiled copy of the cache per layer)."""
     report, _ = planned
     hlo = report.programs["decode loop"].as_text()
     rows = 4 * 2 // 4  # replicated copy: rows over the 4 devices
@@ -123,8 +133,10 @@ def test_the_kv_cache_is_updated_in_place(planned):
     header = hlo.split("\n", 1)[0]
     aliased = re.findall(r"\{(\d+)\}: \((\d+), \{\}, may-alias\)", header)
     assert len(aliased) >= 2  # at least k and v
-    copies = re.findall(r"= " + re.escape(cache) + r"\S* copy\(", hlo)
-    assert copies == []
+    bodies = _loop_bodies(hlo)
+    assert " dynamic-update-slice(" in bodies  # the per-token write is in there
+    assert re.findall(r"= " + re.escape(cache) + r"\S* copy\(", bodies) == []
+    assert re.findall(re.escape(cache) + r"\{4,3,2,1,0:T\(8,128\)", bodies)  # (S, H) tiles
 
 
 def test_the_update_gathers_bfloat16_weights_and_reduce_scatters_gradients(planned):

@@ -52,10 +52,12 @@ def _decode_hlo(sampler: Sampler, params) -> str:
 
 
 def _f32_weights_in_carries(hlo: str) -> list[str]:
-    """float32 arrays in a while loop's carry with as many elements as a weight matrix
-    (biases and norms, a few hundred bytes, are left out)."""
-    sizes = {x.size for x in jax.tree.leaves(nnx.split(init_model(TINY, OPTIONS))[1])
+    """float32 arrays in a while loop's carry with as many elements as a (layer-stacked)
+    weight matrix, whole or in one of 8 FSDP shards (biases and norms, a few hundred bytes,
+    are left out)."""
+    whole = {x.size for x in jax.tree.leaves(nnx.split(init_model(TINY, OPTIONS))[1])
              if x.size >= TINY.hidden_size * TINY.head_dim}
+    sizes = whole | {size // 8 for size in whole}
     found = []
     for carry, _ in _while_loops(hlo):
         for dims in re.findall(r"f32\[([\d,]+)\]", carry):
@@ -77,13 +79,14 @@ def test_the_decode_loop_carries_no_float32_weight_and_gathers_nothing():
                                   log=lambda _: None)
     copy = sampler.decode_params(params)
     for leaf in jax.tree.leaves(copy):
-        assert leaf.dtype == jnp.bfloat16 and leaf.sharding.spec == P()  # replicated bf16
+        assert leaf.dtype == jnp.bfloat16 and leaf.sharding.is_fully_replicated  # bf16
     hlo = _decode_hlo(sampler, copy)
     assert len(_while_loops(hlo)) >= 2  # the chunk loop and its per-token loops
     assert _f32_weights_in_carries(hlo) == []
     assert _all_gathers(hlo) == 0  # none per token, none hoisted out of the loop either
 
-    # Decoding the trainer's float32 FSDP shards directly, as before the copy, fails both.
+    # Decoding the trainer's float32 FSDP shards directly, as before the copy, fails both:
+    # the loop carries the float32 shards and gathers them every token.
     direct = Sampler(graphdef, TINY, max_new_tokens=6, stop_ids=(1,), pad_id=0, buckets=(8,),
                      mesh=mesh, chunk=3)
     hlo = _decode_hlo(direct, params)
@@ -117,9 +120,10 @@ def test_tensor_layout_decodes_what_the_replicated_one_does():
                                             "decode_layout": layout}})
         sampler = setup.build_sampler(cfg, TINY, ModelOptions(), mesh, stop_ids=(), pad_id=0)
         copy = sampler.decode_params(params)
-        gate = copy["layers"][0]["mlp"]["gate_DF"]
+        gate = copy["layers"]["mlp"]["gate_DF"]
+        layers = TINY.num_hidden_layers
         assert gate.addressable_shards[0].data.shape == (
-            (64, 128) if layout == "replicated" else (64, 32))
+            (layers, 64, 128) if layout == "replicated" else (layers, 64, 32))
         outs.append(sampler.generate(params, PROMPTS, key=jax.random.key(0), n=2,
                                      temperature=0.0))
     np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
