@@ -391,8 +391,10 @@ def test_a_real_full_filesystem(tmp_path):
         with pytest.raises(CheckpointError) as info:
             store.save(2, _w(2, shape=(512, 1024)), {"step": 2})   # 2 MiB of float32
         text = _one_line(info.value)
+        # Which write tensorstore fails first depends on timing: the step's temporary
+        # directory, or (seen once under load in CI) the checkpoint directory itself.
         assert "No space left on device (errno 28, ENOSPC) writing " \
-               f"{mount / 'ckpt' / '2.orbax-checkpoint-tmp'}" in text
+               f"{mount / 'ckpt'}" in text
         assert text.endswith(f"the last good checkpoint is {mount / 'ckpt' / '1'}")
         assert store.all_steps() == [1]
         restored, _ = store.restore(abstract_arrays=replicated_abstract(_w(0)))
