@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxzero.model.qwen2 import positions_from_mask
 from jaxzero.rl import grpo
+from jaxzero.rl.token_scores import slot_scores
 from jaxzero.parallel.sharding import (FSDP_TP, ShardingConfig, batch_sharding, follow_params,
                                        param_shardings, replicated, traced_under, undivided)
 
@@ -57,59 +58,18 @@ class RowLoss(NamedTuple):
     ref_logp_MBN: jax.Array | None
 
 
-def _slot_scores(h_BND, targets_BN, w_VD, *, live, with_entropy: bool, chunk: int,
-                 temperature: float):
-    """Float32 log-probs (and entropies) of `targets_BN` from the hidden states that score
-    them, `chunk` slots at a time under a rematerialised map, so the [B, N, V] float32 logits
-    never exist at once, in the forward or the backward pass. Chunks at or past `live` (a
-    traced count; None: all live) are skipped."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    b, slots = targets_BN.shape
-    chunk = min(chunk, slots)
-    pad = -slots % chunk
-    if pad:
-        h_BND = jnp.pad(h_BND, ((0, 0), (0, pad), (0, 0)))
-        targets_BN = jnp.pad(targets_BN, ((0, 0), (0, pad)))
-    n_chunks = h_BND.shape[1] // chunk
-    h_CBWD = h_BND.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
-    t_CBW = targets_BN.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-
-    def scores(h_BWD, t_BW):
-        logits_BWV = jnp.einsum("BWD,VD->BWV", h_BWD, w_VD, preferred_element_type=jnp.float32)
-        if temperature != 1.0:
-            logits_BWV = logits_BWV / temperature
-        logp_BW = grpo.token_logprobs(logits_BWV, t_BW)
-        ent_BW = grpo.token_entropy(logits_BWV) if with_entropy else jnp.zeros_like(logp_BW)
-        return logp_BW, ent_BW
-
-    @jax.checkpoint
-    def one_chunk(args):
-        c, h_BWD, t_BW = args
-        if live is None:
-            return scores(h_BWD, t_BW)
-        zeros = jnp.zeros(t_BW.shape, jnp.float32)
-        return jax.lax.cond(c * chunk < live, scores, lambda *_: (zeros, zeros), h_BWD, t_BW)
-
-    logp_CBW, ent_CBW = jax.lax.map(one_chunk, (jnp.arange(n_chunks), h_CBWD, t_CBW))
-    logp_BN = logp_CBW.swapaxes(0, 1).reshape(b, -1)[:, :slots]
-    ent_BN = ent_CBW.swapaxes(0, 1).reshape(b, -1)[:, :slots]
-    return logp_BN, ent_BN
-
-
 def completion_logprobs(model, tokens_BT, valid_BT, response_len: int, *,
                         with_entropy: bool = False, chunk: int = 128,
                         temperature: float = 1.0):
     """Float32 log-probs (and entropies) of the last `response_len` tokens given what precedes,
     under softmax(logits / temperature): the distribution the rollouts were sampled from, as
     verl's old-log-prob, reference and update passes all divide by the rollout temperature.
-    Logits are formed `chunk` response positions at a time (`_slot_scores`)."""
+    Logits are formed `chunk` response positions at a time (`token_scores.slot_scores`)."""
     h_BTD, _ = model.hidden_states(tokens_BT, valid_BT)
     length = tokens_BT.shape[1]
-    return _slot_scores(h_BTD[:, length - response_len - 1: length - 1],
-                        tokens_BT[:, length - response_len:],
-                        model.lm_head_weight().astype(model.options.compute_dtype), live=None,
-                        with_entropy=with_entropy, chunk=chunk, temperature=temperature)
+    return slot_scores(h_BTD[:, length - response_len - 1: length - 1],
+                       tokens_BT[:, length - response_len:], model.lm_head_weight(), live=None,
+                       with_entropy=with_entropy, chunk=chunk, temperature=temperature)
 
 
 def row_logprobs(model, rows: Rows, *, with_entropy: bool = False, chunk: int = 128,
@@ -119,10 +79,8 @@ def row_logprobs(model, rows: Rows, *, with_entropy: bool = False, chunk: int = 
     h_BWD, _ = model.hidden_states(rows.tokens_MBW, rows.segments_MBW > 0, rows.positions_MBW,
                                    segments_BT=rows.segments_MBW)
     h_BND = jnp.take_along_axis(h_BWD, rows.pick_MBN[..., None], axis=1)
-    return _slot_scores(h_BND, rows.targets_MBN,
-                        model.lm_head_weight().astype(model.options.compute_dtype),
-                        live=rows.live_M, with_entropy=with_entropy, chunk=chunk,
-                        temperature=temperature)
+    return slot_scores(h_BND, rows.targets_MBN, model.lm_head_weight(), live=rows.live_M,
+                       with_entropy=with_entropy, chunk=chunk, temperature=temperature)
 
 
 def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
