@@ -163,6 +163,22 @@ def test_the_update_gathers_bfloat16_weights_and_reduce_scatters_gradients(plann
     assert not [1 for _, size in outside if size in _weight_sizes()]
 
 
+def test_the_lm_head_backward_zero_fills_no_logits_sized_buffer(planned):
+    """The loss forms float32 logits a chunk of slots at a time, and its backward
+    (`rl.token_scores`) rebuilds them. Autodiff of the chunk loop zero-filled logits-sized
+    buffers, for the residuals of the branch that skips dead chunks and for the scatter of the
+    token pick; XLA:TPU kept three live at once (1.8 GB per device for 1.5B at the seed's
+    shape)."""
+    report, _ = planned
+    inputs = _inputs()
+    seqs = inputs.prompts_per_step * inputs.n // 4 // inputs.micro_batches  # per device
+    chunk_elements = seqs * min(128, inputs.response_len) * SMALL.vocab_size
+    hlo = report.programs["update"].as_text()
+    filled = re.findall(r"= [a-z0-9]+\[([\d,]*)\]\S* broadcast\(%constant", hlo)
+    assert filled and chunk_elements not in {int(np.prod([int(x) for x in dims.split(",")]))
+                                             for dims in filled if dims}
+
+
 def _rematerialised_mlp(hlo: str) -> int:
     """MLP matmuls XLA recomputes for a backward pass (jax.checkpoint's rematted ops)."""
     return len(re.findall(r'op_name="[^"]*/rematted_computation/[^"]*BTD,DF->BTF/dot_general',
