@@ -1,0 +1,111 @@
+"""The update's per-device memory three ways: jaxzero's computed figure, XLA:TPU's own heap
+(the buffer assignment it dumps) and XLA:TPU's `memory_analysis()`.
+
+Compiles, deviceless (libtpu, no TPU attached: `pip install -e '.[tpu]'`), only the update of
+a shipped config at the seed's shape (the config's batch and lengths, as `jaxzero plan` does)
+with `--xla_dump_to`, then reads the preallocated temp buffer from the dumped buffer
+assignment. Phase figures add what stays resident outside the program (the reference), as
+the plan does.
+
+    python benchmarks/tpu_update_memory.py configs/qwen2.5-1.5b.yaml mesh.fsdp=-1 \
+        --target tpu:v5p:2x2x1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from jaxzero.parallel import target as tgt
+
+GiB = 2 ** 30
+
+
+def heap_bytes(dump: Path) -> int:
+    """Bytes of the preallocated temp buffers (every memory space) in the update's dumped
+    buffer assignment."""
+    (path,) = dump.glob("*jit_update*after_optimizations-buffer-assignment.txt")
+    return sum(int(m.group(1)) for m in re.finditer(
+        r"^allocation \d+: size (\d+),(?: color \d+,)? preallocated-temp", path.read_text(),
+        flags=re.M))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--target", default="tpu:v5p:2x2x1")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    args = p.parse_args(argv)
+    spec = tgt.parse_target(args.target)
+    dump = Path(tempfile.mkdtemp(prefix="jaxzero-update-dump-"))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={dump} --xla_dump_hlo_module_re=jit_update")
+    tgt.prepare_environment(spec)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxzero.config.files import load_config
+    from jaxzero.io.identity import run_architecture
+    from jaxzero.model.attention import resolve_attention
+    from jaxzero.model.qwen2 import ModelOptions, abstract_model
+    from jaxzero.parallel.sharding import FSDP_TP, abstract_on, bytes_per_device, make_mesh
+    from jaxzero.rl import grpo
+    from jaxzero.rl.plan import PlanInputs, train_activations, _train_programs
+    from jaxzero.rl.train_step import build_step_functions, make_optimizer
+
+    cfg = load_config(args.config, args.overrides)
+    config = run_architecture(cfg.model)
+    if args.layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                     devices=tgt.target_devices(spec))
+    attention = resolve_attention(cfg.model.attention, "tpu", cfg.model.compute_dtype)
+    inputs = PlanInputs(
+        prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
+        prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
+        micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
+        remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss, attention=attention,
+        micro_batch_tokens=cfg.grpo.micro_batch_tokens)
+    options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
+                           compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
+                           sharding=FSDP_TP, attention=attention, platform="tpu")
+    graphdef, abstract = abstract_model(config, options)
+    optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                               grad_clip=1.0)
+    fns = build_step_functions(graphdef, abstract, optimizer,
+                               grpo.LossConfig(use_kl_loss=inputs.use_kl), mesh,
+                               response_len=inputs.response_len,
+                               micro_batches=inputs.micro_batches, sharding=FSDP_TP)
+    params = abstract_on(abstract, fns.param_shardings)
+    opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    update, _ = _train_programs(fns, params, opt, inputs, mesh)
+
+    p_bytes = bytes_per_device(abstract, fns.param_shardings)
+    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    ref = int(p_bytes * np.dtype(inputs.ref_dtype).itemsize /
+              np.dtype(inputs.param_dtype).itemsize) if inputs.use_kl else 0
+    m = update.memory_analysis()
+    outside = ref + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    computed = p_bytes + o_bytes + ref + train_activations(config, inputs, mesh, p_bytes)
+    heap = outside + heap_bytes(dump)
+    reported = outside + m.temp_size_in_bytes
+    print(f"update of {cfg.model.path} ({config.num_hidden_layers} layers) on {args.target}, "
+          f"mesh {dict(mesh.shape)}, per device:")
+    print(f"  computed (jaxzero plan)             {computed / GiB:7.2f} GiB")
+    print(f"  XLA:TPU heap (buffer assignment)    {heap / GiB:7.2f} GiB   "
+          f"{heap / computed:.2f}x computed")
+    print(f"  XLA:TPU memory_analysis()           {reported / GiB:7.2f} GiB   "
+          f"{reported / computed:.2f}x computed; {(reported - heap) / GiB:.2f} GiB of temp "
+          f"beyond the heap")
+    print(f"  dump: {dump}")
+
+
+if __name__ == "__main__":
+    main()
