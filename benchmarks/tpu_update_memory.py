@@ -46,18 +46,11 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump} --xla_dump_hlo_module_re=jit_update")
     tgt.prepare_environment(spec)
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     from jaxzero.config.files import load_config
     from jaxzero.io.identity import run_architecture
     from jaxzero.model.attention import resolve_attention
-    from jaxzero.model.qwen2 import ModelOptions, abstract_model
-    from jaxzero.parallel.sharding import FSDP_TP, abstract_on, bytes_per_device, make_mesh
-    from jaxzero.rl import grpo
-    from jaxzero.rl.plan import PlanInputs, train_activations, _train_programs
-    from jaxzero.rl.train_step import build_step_functions, make_optimizer
+    from jaxzero.parallel.sharding import make_mesh
+    from jaxzero.rl.plan import PlanInputs, train_programs, train_activations, train_setup
 
     cfg = load_config(args.config, args.overrides)
     config = run_architecture(cfg.model)
@@ -73,27 +66,13 @@ def main(argv=None):
         compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
         remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss, attention=attention,
         micro_batch_tokens=cfg.grpo.micro_batch_tokens)
-    options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
-                           compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
-                           sharding=FSDP_TP, attention=attention, platform="tpu")
-    graphdef, abstract = abstract_model(config, options)
-    optimizer = make_optimizer(lr=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-                               grad_clip=1.0)
-    fns = build_step_functions(graphdef, abstract, optimizer,
-                               grpo.LossConfig(use_kl_loss=inputs.use_kl), mesh,
-                               response_len=inputs.response_len,
-                               micro_batches=inputs.micro_batches, sharding=FSDP_TP)
-    params = abstract_on(abstract, fns.param_shardings)
-    opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
-    update, _ = _train_programs(fns, params, opt, inputs, mesh)
-
-    p_bytes = bytes_per_device(abstract, fns.param_shardings)
-    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
-    ref = int(p_bytes * np.dtype(inputs.ref_dtype).itemsize /
-              np.dtype(inputs.param_dtype).itemsize) if inputs.use_kl else 0
+    train = train_setup(config, inputs, mesh)
+    update, _ = train_programs(train.fns, train.params, train.opt, inputs, mesh)
+    p_bytes, ref = train.param_bytes, train.ref_bytes
     m = update.memory_analysis()
     outside = ref + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    computed = p_bytes + o_bytes + ref + train_activations(config, inputs, mesh, p_bytes)
+    computed = p_bytes + train.opt_bytes + ref + train_activations(config, inputs, mesh,
+                                                                    p_bytes)
     heap = outside + heap_bytes(dump)
     reported = outside + m.temp_size_in_bytes
     print(f"update of {cfg.model.path} ({config.num_hidden_layers} layers) on {args.target}, "

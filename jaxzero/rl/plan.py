@@ -259,16 +259,21 @@ def decode_temporaries(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     return int(logits + state + scores)
 
 
-def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
-                sharding: ShardingConfig = FSDP_TP, device_bytes: int | None = None,
-                host_devices: int | None = None) -> PlanReport:
-    """Compiles every phase of a step for `mesh` (whatever its devices: this machine's, or a
-    TPU topology's, compiled deviceless) and counts its per-device memory.
+class TrainSetup(NamedTuple):
+    """The abstract model, optimizer state and step functions the train phases compile, with
+    their computed per-device bytes."""
 
-    `device_bytes`: one device's memory, for rollout.decode_layout auto (None: as the CPU
-    reports, none); `host_devices`: devices per host, the span a tensor decode layout may take
-    (None: this process's)."""
-    started = time.perf_counter()
+    options: ModelOptions
+    fns: Any                # train_step.StepFunctions
+    params: Any             # abstract, with their shardings
+    opt: Any
+    param_bytes: int
+    opt_bytes: int
+    ref_bytes: int          # the frozen reference (0 without KL)
+
+
+def train_setup(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                sharding: ShardingConfig = FSDP_TP) -> TrainSetup:
     options = ModelOptions(param_dtype=jnp.dtype(inputs.param_dtype),
                            compute_dtype=jnp.dtype(inputs.compute_dtype), remat=inputs.remat,
                            sharding=sharding, attention=inputs.attention,
@@ -280,18 +285,32 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                                grpo.LossConfig(use_kl_loss=inputs.use_kl), mesh,
                                response_len=inputs.response_len,
                                micro_batches=inputs.micro_batches, sharding=sharding)
-    params = abstract_on(abstract, fns.param_shardings)
-    opt = abstract_on(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract)
+    p_bytes = bytes_per_device(abstract, fns.param_shardings)
+    ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
+    return TrainSetup(options, fns, abstract_on(abstract, fns.param_shardings),
+                      abstract_on(abstract_opt, fns.opt_shardings), p_bytes,
+                      bytes_per_device(abstract_opt, fns.opt_shardings),
+                      int(p_bytes * ref_itemsize) if inputs.use_kl else 0)
+
+
+def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
+                sharding: ShardingConfig = FSDP_TP, device_bytes: int | None = None,
+                host_devices: int | None = None) -> PlanReport:
+    """Compiles every phase of a step for `mesh` (whatever its devices: this machine's, or a
+    TPU topology's, compiled deviceless) and counts its per-device memory.
+
+    `device_bytes`: one device's memory, for rollout.decode_layout auto (None: as the CPU
+    reports, none); `host_devices`: devices per host, the span a tensor decode layout may take
+    (None: this process's)."""
+    started = time.perf_counter()
+    train = train_setup(config, inputs, mesh, sharding)
     # The rollout first: a decode layout the mesh cannot take is refused before the minutes
     # the train programs take to compile.
-    rollout = _rollout(config, inputs, options, mesh, device_bytes,
+    rollout = _rollout(config, inputs, train.options, mesh, device_bytes,
                        host_devices or jax.local_device_count())
-    update, logprobs = _train_programs(fns, params, opt, inputs, mesh)
-
-    p_bytes = bytes_per_device(abstract, fns.param_shardings)
-    o_bytes = bytes_per_device(jax.eval_shape(optimizer.init, abstract), fns.opt_shardings)
-    ref_itemsize = np.dtype(inputs.ref_dtype).itemsize / np.dtype(inputs.param_dtype).itemsize
-    ref_bytes = int(p_bytes * ref_itemsize) if inputs.use_kl else 0
+    update, logprobs = train_programs(train.fns, train.params, train.opt, inputs, mesh)
+    p_bytes, o_bytes, ref_bytes = train.param_bytes, train.opt_bytes, train.ref_bytes
     resident = p_bytes + o_bytes + ref_bytes
 
     train_acts = train_activations(config, inputs, mesh, p_bytes)
@@ -324,7 +343,7 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                   "decode loop": rollout.decode, "decode step": rollout.step})
 
 
-def _train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
+def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
     """The compiled update and log-prob pass at their widest: the padded batch (a trimmed one
     is no wider), or every packed micro-batch the layout may use."""
     b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len

@@ -80,7 +80,7 @@ def test_a_decode_layout_the_mesh_cannot_take_is_refused_before_any_train_compil
     def compiled_too_early(*_):
         raise AssertionError("the train programs compiled before the layout was checked")
 
-    monkeypatch.setattr(plan, "_train_programs", compiled_too_early)
+    monkeypatch.setattr(plan, "train_programs", compiled_too_early)
     inputs = PlanInputs(prompts_per_step=4, n=2, prompt_len=8, response_len=4, micro_batches=1,
                         param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
                         remat=False, use_kl=False, decode_layout="tensor")
