@@ -247,3 +247,24 @@ def test_the_decode_step_keeps_the_cache_in_its_own_layout():
     assert f"{cache}{{4,3,2,1,0:T(8,128)(2,1)}} parameter(" in hlo  # (S, H) tiles
     assert re.findall(r"= " + re.escape(cache) + r"\S* copy\(", hlo) == []
     assert setup.slots == 544  # the prompt's 256 and 257 steps, in whole 32s
+
+
+@pytest.mark.slow
+def test_the_plan_agrees_with_xla_tpu_at_the_seeds_shape():
+    """`jaxzero plan configs/qwen2.5-1.5b.yaml --target tpu:v5p:2x2x1` (about 2.5 minutes):
+    the log-prob pass, the prefill and the whole decode loop within 15 % of XLA:TPU's
+    figures. The update's computed figure is checked against XLA:TPU's heap instead
+    (tests/benchmarks/test_tpu_update_memory.py): memory_analysis() reports temp beyond it."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "jaxzero.cli", "plan",
+                          "configs/qwen2.5-1.5b.yaml", "mesh.fsdp=-1", "--target", "tpu:v5p:2x2x1"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = dict(re.findall(r"^\s+(log-prob pass|prefill|decode loop)\s+[\d.]+ GiB\s+[\d.]+ GiB"
+                             r"\s+([\d.]+)$", out.stdout, flags=re.M))
+    assert set(ratios) == {"log-prob pass", "prefill", "decode loop"}, out.stdout
+    assert all(0.85 <= float(r) <= 1.15 for r in ratios.values()), ratios
+    assert "fits: yes" in out.stdout
