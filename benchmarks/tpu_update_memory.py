@@ -48,9 +48,9 @@ def main(argv=None):
     tgt.prepare_environment(spec)
     from jaxzero.config.files import load_config
     from jaxzero.io.identity import run_architecture
-    from jaxzero.model.attention import resolve_attention
+    from jaxzero.cli.plan import plan_inputs
     from jaxzero.parallel.sharding import make_mesh
-    from jaxzero.rl.plan import PlanInputs, train_programs, train_activations, train_setup
+    from jaxzero.rl.plan import train_activations, train_programs, train_setup
 
     cfg = load_config(args.config, args.overrides)
     config = run_architecture(cfg.model)
@@ -58,14 +58,7 @@ def main(argv=None):
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
                      devices=tgt.target_devices(spec))
-    attention = resolve_attention(cfg.model.attention, "tpu", cfg.model.compute_dtype)
-    inputs = PlanInputs(
-        prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
-        prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
-        micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
-        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss, attention=attention,
-        micro_batch_tokens=cfg.grpo.micro_batch_tokens)
+    inputs = plan_inputs(cfg, "tpu")
     train = train_setup(config, inputs, mesh)
     update, _ = train_programs(train.fns, train.params, train.opt, inputs, mesh)
     p_bytes, ref = train.param_bytes, train.ref_bytes

@@ -40,6 +40,25 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def plan_inputs(cfg, platform: str):
+    """The run sizes of `cfg` (a RunConfig) the planner needs, with model.attention resolved
+    for `platform`."""
+    from jaxzero.model.attention import resolve_attention
+    from jaxzero.rl.plan import PlanInputs
+    return PlanInputs(
+        prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
+        prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
+        micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
+        remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
+        rollout_micro_batch=cfg.rollout.micro_batch, decode_layout=cfg.rollout.decode_layout,
+        decode_chunk=cfg.rollout.decode_chunk, cache_block=cfg.rollout.cache_block,
+        cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        micro_batch_tokens=cfg.grpo.micro_batch_tokens,
+        attention=resolve_attention(cfg.model.attention, platform, cfg.model.compute_dtype),
+        updates_per_step=cfg.grpo.updates_per_step)
+
+
 def run(args) -> None:
     from jaxzero.parallel.target import (device_peaks, devices_per_host, parse_target,
                                          prepare_environment, target_devices)
@@ -53,9 +72,8 @@ def run(args) -> None:
 
     from jaxzero.config.files import load_config
     from jaxzero.io.identity import run_architecture
-    from jaxzero.model.attention import resolve_attention
     from jaxzero.parallel.sharding import make_mesh
-    from jaxzero.rl.plan import PlanInputs, format_report, plan_memory
+    from jaxzero.rl.plan import format_report, plan_memory
     cfg = load_config(args.config, args.overrides)
     mesh_sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     if args.mesh:
@@ -66,18 +84,7 @@ def run(args) -> None:
     chip = device_peaks(spec, devices) if spec is not None else None
     memory_gib = args.device_memory_gib or (chip.hbm_bytes / 2 ** 30 if chip else 80.0)
     model_config = run_architecture(cfg.model)
-    inputs = PlanInputs(
-        prompts_per_step=cfg.data.prompts_per_step, n=cfg.rollout.n,
-        prompt_len=max(cfg.data.prompt_buckets), response_len=cfg.rollout.max_new_tokens,
-        micro_batches=cfg.grpo.micro_batches, param_dtype=cfg.model.param_dtype,
-        compute_dtype=cfg.model.compute_dtype, ref_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat == "block", use_kl=cfg.grpo.use_kl_loss,
-        rollout_micro_batch=cfg.rollout.micro_batch, decode_layout=cfg.rollout.decode_layout,
-        decode_chunk=cfg.rollout.decode_chunk, cache_block=cfg.rollout.cache_block,
-        cache_dtype=cfg.rollout.cache_dtype, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        micro_batch_tokens=cfg.grpo.micro_batch_tokens,
-        attention=resolve_attention(cfg.model.attention, platform, cfg.model.compute_dtype),
-        updates_per_step=cfg.grpo.updates_per_step)
+    inputs = plan_inputs(cfg, platform)
     report = plan_memory(model_config, inputs, mesh, device_bytes=int(memory_gib * 2 ** 30),
                          host_devices=devices_per_host(devices))
     if chip is not None and args.device_memory_gib:

@@ -5,7 +5,10 @@ collectives in the update, remat as configured."""
 
 import dataclasses
 import importlib.util
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -255,9 +258,6 @@ def test_the_plan_agrees_with_xla_tpu_at_the_seeds_shape():
     the log-prob pass, the prefill and the whole decode loop within 15 % of XLA:TPU's
     figures. The update's computed figure is checked against XLA:TPU's heap instead
     (tests/benchmarks/test_tpu_update_memory.py): memory_analysis() reports temp beyond it."""
-    import pathlib
-    import subprocess
-    import sys
     root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "jaxzero.cli", "plan",
                           "configs/qwen2.5-1.5b.yaml", "mesh.fsdp=-1", "--target", "tpu:v5p:2x2x1"],
