@@ -1,20 +1,24 @@
-"""The update's per-device memory three ways: jaxzero's computed figure, XLA:TPU's own heap
-(the buffer assignment it dumps) and XLA:TPU's `memory_analysis()`.
+"""The update's per-device memory four ways: jaxzero's computed figure, XLA:TPU's own heap
+(the buffer assignment it dumps), the figure the plan reads from XLA:TPU's
+`memory_analysis()` (peak of live buffers + program code), and that analysis's arguments +
+`temp_size_in_bytes`.
 
 Compiles, deviceless (libtpu, no TPU attached: `pip install -e '.[tpu]'`), only the update of
 a shipped config at the seed's shape (the config's batch and lengths, as `jaxzero plan` does)
 with `--xla_dump_to`, then reads the preallocated temp buffer from the dumped buffer
 assignment. Phase figures add what stays resident outside the program (the reference), as
-the plan does.
+the plan does. `--cap-check` compiles the update again, telling XLA:TPU the chip has 3 % more
+memory than the plan's figure (`xla_tpu_max_hbm_size_mib`), and says whether it fits there.
 
     python benchmarks/tpu_update_memory.py configs/qwen2.5-1.5b.yaml mesh.fsdp=-1 \
-        --target tpu:v5p:2x2x1
+        --target tpu:v5p:2x2x1 --cap-check
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -40,6 +44,8 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*")
     p.add_argument("--target", default="tpu:v5p:2x2x1")
     p.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    p.add_argument("--cap-check", action="store_true",
+                   help="compile again with the chip's memory capped 3 %% above the plan's figure")
     args = p.parse_args(argv)
     spec = tgt.parse_target(args.target)
     dump = Path(tempfile.mkdtemp(prefix="jaxzero-update-dump-"))
@@ -62,21 +68,36 @@ def main(argv=None):
     train = train_setup(config, inputs, mesh)
     update, _ = train_programs(train.fns, train.params, train.opt, inputs, mesh)
     p_bytes, ref = train.param_bytes, train.ref_bytes
-    m = update.memory_analysis()
-    outside = ref + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     computed = p_bytes + train.opt_bytes + ref + train_activations(config, inputs, mesh,
                                                                     p_bytes)
+    m = update.memory_analysis()
+    outside = ref + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     heap = outside + heap_bytes(dump)
-    reported = outside + m.temp_size_in_bytes
+    program = m.peak_memory_in_bytes + m.generated_code_size_in_bytes
+    temp_sum = outside + m.temp_size_in_bytes
     print(f"update of {cfg.model.path} ({config.num_hidden_layers} layers) on {args.target}, "
           f"mesh {dict(mesh.shape)}, per device:")
-    print(f"  computed (jaxzero plan)             {computed / GiB:7.2f} GiB")
-    print(f"  XLA:TPU heap (buffer assignment)    {heap / GiB:7.2f} GiB   "
-          f"{heap / computed:.2f}x computed")
-    print(f"  XLA:TPU memory_analysis()           {reported / GiB:7.2f} GiB   "
-          f"{reported / computed:.2f}x computed; {(reported - heap) / GiB:.2f} GiB of temp "
-          f"beyond the heap")
+    print(f"  computed (jaxzero plan)              {computed / GiB:7.2f} GiB")
+    for label, value in (("XLA:TPU heap (buffer assignment)", heap),
+                         ("XLA:TPU peak + code (jaxzero plan)", ref + program),
+                         ("XLA:TPU arguments + temp_size", temp_sum)):
+        print(f"  {label:<36} {value / GiB:7.2f} GiB   {value / computed:.2f}x computed")
     print(f"  dump: {dump}")
+    if args.cap_check:
+        cap_mib = math.ceil(1.03 * program / 2 ** 20)
+        try:
+            capped, _ = train_programs(train.fns, train.params, train.opt, inputs, mesh,
+                                       compiler_options={"xla_tpu_max_hbm_size_mib": cap_mib})
+        except Exception as e:  # XLA:TPU's CompileTimeHbmOom
+            print(f"  capped at {cap_mib} MiB (peak + code + 3 %): refused: "
+                  f"{str(e).splitlines()[0]}")
+        else:
+            c = capped.memory_analysis()
+            over = (c.argument_size_in_bytes + c.output_size_in_bytes - c.alias_size_in_bytes
+                    + c.temp_size_in_bytes) / 2 ** 20
+            print(f"  capped at {cap_mib} MiB (peak + code + 3 %): compiled; its peak + code "
+                  f"{(c.peak_memory_in_bytes + c.generated_code_size_in_bytes) / 2 ** 20:.0f} "
+                  f"MiB, its arguments + temp_size {over:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -213,9 +213,19 @@ KNOBS = {
 
 
 def _memory(compiled) -> int:
-    """Per-device bytes a compiled program holds at its peak: arguments + outputs - aliased
-    (donated) + temporaries."""
+    """Per-device bytes a compiled program needs: XLA's peak of the buffers live at once,
+    arguments and outputs included (`peak_memory_in_bytes`, the temporaries' heap with its
+    fragmentation), plus the program's code, which a TPU keeps in HBM (its "overlays").
+
+    That is what XLA:TPU fits against the chip's memory: capped by
+    `xla_tpu_max_hbm_size_mib`, it compiles a program exactly when this figure fits, within
+    a few per cent (tests/parallel/test_tpu_target.py). Its `temp_size_in_bytes` counts more
+    (arguments + temp was 1.2x the compiler's own "used" figure for 1.5B's update on v5p,
+    BENCHMARKS.md), so it is not used. Where a backend reports no peak: arguments + outputs
+    - aliased (donated) + temporaries."""
     m = compiled.memory_analysis()
+    if m.peak_memory_in_bytes > 0:
+        return int(m.peak_memory_in_bytes + m.generated_code_size_in_bytes)
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                + m.temp_size_in_bytes)
 
@@ -343,9 +353,11 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                   "decode loop": rollout.decode, "decode step": rollout.step})
 
 
-def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
+def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh,
+                   compiler_options: dict | None = None):
     """The compiled update and log-prob pass at their widest: the padded batch (a trimmed one
-    is no wider), or every packed micro-batch the layout may use."""
+    is no wider), or every packed micro-batch the layout may use. `compiler_options` go to
+    both compiles (XLA flags, e.g. `xla_tpu_max_hbm_size_mib`)."""
     b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
     r, f32, i32 = inputs.response_len, jnp.float32, jnp.int32
     if inputs.micro_batch_tokens is None:
@@ -367,7 +379,8 @@ def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
                            fns.row_loss_shardings)
         update = fns.row_update.lower(params, opt, rows, loss)
         logprobs = fns.row_logprobs.lower(params, rows)
-    return update.compile(), logprobs.compile()
+    return (update.compile(compiler_options=compiler_options),
+            logprobs.compile(compiler_options=compiler_options))
 
 
 class _Rollout(NamedTuple):

@@ -1,5 +1,6 @@
 """benchmarks/tpu_update_memory.py: its reading of XLA's dumped buffer assignment, and, slow,
-the computed update figure against XLA:TPU's heap at the seed's shape."""
+the computed update figure against XLA:TPU's at the seed's shape, with XLA:TPU's own fit
+line."""
 
 import importlib.util
 import os
@@ -30,15 +31,19 @@ def test_heap_bytes_adds_the_preallocated_temp_of_every_memory_space(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu: pip install -e '.[test,tpu]'")
-def test_the_computed_update_matches_xla_tpus_heap_at_the_seeds_shape():
-    """1.5B on v5p:2x2x1 (about 2 minutes): the computed figure within 15 % of XLA:TPU's
-    buffer assignment (0.95x measured). memory_analysis() reports more (1.25x); see
-    BENCHMARKS.md."""
+def test_xla_tpu_fits_the_update_by_its_peak_at_the_seeds_shape():
+    """1.5B on v5p:2x2x1 (about 4 minutes): the computed figure within 15 % of the plan's
+    XLA:TPU figure (peak + code; 0.94x measured) and of XLA:TPU's buffer assignment; and
+    XLA:TPU compiles the update for a chip 3 % larger than that figure, though the program's
+    arguments + temp_size_in_bytes exceed it."""
     out = subprocess.run(
         [sys.executable, "benchmarks/tpu_update_memory.py", "configs/qwen2.5-1.5b.yaml",
-         "mesh.fsdp=-1", "--target", "tpu:v5p:2x2x1"], cwd=ROOT, capture_output=True,
-        text=True, timeout=900)
+         "mesh.fsdp=-1", "--target", "tpu:v5p:2x2x1", "--cap-check"], cwd=ROOT,
+        capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
-    ratio = float(re.search(r"heap \(buffer assignment\)\s+[\d.]+ GiB\s+([\d.]+)x",
-                            out.stdout).group(1))
-    assert 0.85 <= ratio <= 1.15, out.stdout
+    for label in (r"heap \(buffer assignment\)", r"peak \+ code \(jaxzero plan\)"):
+        ratio = float(re.search(label + r"\s+[\d.]+ GiB\s+([\d.]+)x", out.stdout).group(1))
+        assert 0.85 <= ratio <= 1.15, out.stdout
+    cap, temp_sum = re.search(r"capped at (\d+) MiB .*: compiled; .* its arguments \+ "
+                              r"temp_size (\d+) MiB", out.stdout).groups()
+    assert int(temp_sum) > int(cap), out.stdout
