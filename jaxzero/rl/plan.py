@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -136,6 +137,9 @@ class Cost:
 
     @classmethod
     def of(cls, compiled) -> "Cost":
+        """The program's cost; none (zero) for a program XLA refused to compile."""
+        if isinstance(compiled, Refused):
+            return cls(0.0, 0.0)
         cost = loop_cost(compiled)
         return cls(cost.flops, cost.bytes_accessed)
 
@@ -156,11 +160,14 @@ class Phase:
 
     name: str
     computed: int       # from shapes and shardings
-    xla: int            # resident state outside the program + its arguments, outputs - aliased
-                        # and temporaries, from XLA's memory analysis
+    xla: int            # resident state outside the program + the program's own bytes, from
+                        # XLA's memory analysis (`_memory`)
     cost: Cost          # one call (the decode phase: one whole rollout call)
     calls: int          # calls per step
     knob: str           # what to change when it does not fit
+    refused: str | None = None  # XLA's refusal when it would not compile the program for the
+                                # chip's memory (then `xla` is what it said it needs, and
+                                # `cost` is unknown: zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +219,40 @@ KNOBS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A program XLA refused to compile because it does not fit the chip's memory
+    (XLA:TPU's RESOURCE_EXHAUSTED), with the bytes XLA said it needs."""
+
+    needs: int          # per device, as XLA reported it (its figure at the refusal)
+    message: str        # XLA's first line
+
+
+_XLA_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def refused_needs(message: str) -> int | None:
+    """The bytes an XLA:TPU out-of-memory refusal says the program needs ("the total memory
+    required for HLO temporaries (19.00G)", or "Used 3.27G of 3.25G hbm"; G = GiB), None if
+    the message says neither."""
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)|Used ([\d.]+)([KMGT]?) of", message)
+    if m is None:
+        return None
+    value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return int(float(value) * _XLA_UNITS[unit])
+
+
+def _compiled_or_refused(compile_thunk):
+    """`compile_thunk()`, or the Refused XLA's out-of-memory refusal of it describes."""
+    try:
+        return compile_thunk()
+    except jax.errors.JaxRuntimeError as e:
+        needs = refused_needs(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+        if needs is None:
+            raise
+        return Refused(needs, str(e).strip().splitlines()[0])
+
+
 def _memory(compiled) -> int:
     """Per-device bytes a compiled program needs: XLA's peak of the buffers live at once,
     arguments and outputs included (`peak_memory_in_bytes`, the temporaries' heap with its
@@ -223,6 +264,8 @@ def _memory(compiled) -> int:
     (arguments + temp was 1.2x the compiler's own "used" figure for 1.5B's update on v5p,
     BENCHMARKS.md), so it is not used. Where a backend reports no peak: arguments + outputs
     - aliased (donated) + temporaries."""
+    if isinstance(compiled, Refused):
+        return compiled.needs
     m = compiled.memory_analysis()
     if m.peak_memory_in_bytes > 0:
         return int(m.peak_memory_in_bytes + m.generated_code_size_in_bytes)
@@ -319,7 +362,8 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     # the train programs take to compile.
     rollout = _rollout(config, inputs, train.options, mesh, device_bytes,
                        host_devices or jax.local_device_count())
-    update, logprobs = train_programs(train.fns, train.params, train.opt, inputs, mesh)
+    update, logprobs = (_compiled_or_refused(lowered.compile) for lowered in
+                        _train_lowered(train.fns, train.params, train.opt, inputs, mesh))
     p_bytes, o_bytes, ref_bytes = train.param_bytes, train.opt_bytes, train.ref_bytes
     resident = p_bytes + o_bytes + ref_bytes
 
@@ -330,18 +374,19 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     calls = math.ceil(inputs.prompts_per_step * inputs.n / rows)
     passes = int(inputs.use_kl) + int(inputs.updates_per_step > 1)
     rollout_resident = resident + rollout.copy + rollout.kv
+    refusal = lambda program: program.message if isinstance(program, Refused) else None
     phases = (
         Phase("update", resident + train_acts, ref_bytes + _memory(update), Cost.of(update),
-              inputs.updates_per_step, KNOBS["update"]),
+              inputs.updates_per_step, KNOBS["update"], refusal(update)),
         Phase("log-prob pass", resident + logprob_activations(config, inputs, mesh),
               o_bytes + ref_bytes + _memory(logprobs), Cost.of(logprobs), passes,
-              KNOBS["log-prob pass"]),
+              KNOBS["log-prob pass"], refusal(logprobs)),
         Phase("prefill", rollout_resident + rollout.prefill_acts,
               resident + _memory(rollout.prefill), Cost.of(rollout.prefill), calls,
-              KNOBS["prefill"]),
+              KNOBS["prefill"], refusal(rollout.prefill)),
         Phase("decode loop", rollout_resident + rollout.decode_temps,
               resident + _memory(rollout.decode), rollout.token.scaled(inputs.response_len),
-              calls, KNOBS["decode loop"]),
+              calls, KNOBS["decode loop"], refusal(rollout.decode)),
     )
     return PlanReport(
         platform=mesh.devices.flat[0].platform, devices=mesh.size, mesh=dict(mesh.shape),
@@ -358,6 +403,12 @@ def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh,
     """The compiled update and log-prob pass at their widest: the padded batch (a trimmed one
     is no wider), or every packed micro-batch the layout may use. `compiler_options` go to
     both compiles (XLA flags, e.g. `xla_tpu_max_hbm_size_mib`)."""
+    return tuple(lowered.compile(compiler_options=compiler_options)
+                 for lowered in _train_lowered(fns, params, opt, inputs, mesh))
+
+
+def _train_lowered(fns, params, opt, inputs: PlanInputs, mesh: Mesh):
+    """The update and log-prob pass of `train_programs`, lowered."""
     b, t = inputs.prompts_per_step * inputs.n, inputs.prompt_len + inputs.response_len
     r, f32, i32 = inputs.response_len, jnp.float32, jnp.int32
     if inputs.micro_batch_tokens is None:
@@ -379,8 +430,7 @@ def train_programs(fns, params, opt, inputs: PlanInputs, mesh: Mesh,
                            fns.row_loss_shardings)
         update = fns.row_update.lower(params, opt, rows, loss)
         logprobs = fns.row_logprobs.lower(params, rows)
-    return (update.compile(compiler_options=compiler_options),
-            logprobs.compile(compiler_options=compiler_options))
+    return update, logprobs
 
 
 class _Rollout(NamedTuple):
@@ -472,14 +522,16 @@ def _rollout(config: Qwen2Config, inputs: PlanInputs, options: ModelOptions, mes
     prompt = jax.ShapeDtypeStruct((setup.prompts, inputs.prompt_len), jnp.int32,
                                   sharding=rows_BT)
     prefill_loop = sampler.loop(inputs.n)  # the prefill does not sample (one compile for all)
-    prefill = prefill_loop.prefill.lower(
-        prefill_loop, copy, prompt, jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=rows_BT)).compile()
-    decode = loop.decode.lower(
+    prefill = _compiled_or_refused(prefill_loop.prefill.lower(
+        prefill_loop, copy, prompt,
+        jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=rows_BT)).compile)
+    decode = _compiled_or_refused(loop.decode.lower(
         loop, copy, cache, jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32,
                                                 sharding=rows_BT),
-        positions, key, setup.sampling).compile()
+        positions, key, setup.sampling).compile)
     prefixes = sampler.config.read_prefixes(slots)
-    first, last = (setup.step_program(read) for read in (prefixes[0], prefixes[-1]))
+    first, last = (_compiled_or_refused(lambda read=read: setup.step_program(read))
+                   for read in (prefixes[0], prefixes[-1]))
     token = Cost.of(first).scaled(0.5)
     token = Cost(token.flops + Cost.of(last).flops / 2,
                  token.bytes_accessed + Cost.of(last).bytes_accessed / 2)
@@ -518,7 +570,8 @@ def format_report(name: str, report: PlanReport, inputs: PlanInputs,
     ]
     for p in report.phases:
         lines.append(f"    {p.name:<22} {g(p.computed)}   {g(p.xla)}   "
-                     f"{p.xla / max(p.computed, 1):5.2f}")
+                     f"{p.xla / max(p.computed, 1):5.2f}"
+                     + ("   (refused by XLA: what it said it needs)" if p.refused else ""))
     source = f"{xla}'s" if report.platform == "tpu" else "the computed"
     lines.append(f"  peak                       {g(report.peak)}   ({source} figures: "
                  + ("the compiler's own for the chip)" if report.platform == "tpu" else
@@ -540,6 +593,8 @@ def fits_lines(report: PlanReport, memory: float) -> list[str]:
     lines = [f"  fits: NO, {len(over)} phase(s) over {memory / GiB:g} GiB per device"]
     for p, excess in over:
         lines.append(f"    {p.name}: {excess / GiB:.2f} GiB over; {p.knob}")
+        if p.refused:
+            lines.append(f"      (XLA:TPU would not compile it: {p.refused})")
     if report.resident > memory:
         lines.append(f"    the policy, optimizer state and reference alone take "
                      f"{report.resident / GiB:.2f} GiB: shard over more devices (mesh.fsdp)")
@@ -554,16 +609,24 @@ def roofline_lines(report: PlanReport, inputs: PlanInputs, chip: Chip) -> list[s
              "    phase                     TFLOP      GB   bound/call  calls  bound/step"]
     step = 0.0
     for p in report.phases:
+        if p.refused:
+            lines.append(f"    {p.name:<22} no bound: XLA:TPU would not compile it (it does "
+                         "not fit)")
+            continue
         bound = p.cost.bound_s(chip)
         step += bound * p.calls
         lines.append(f"    {p.name:<22} {p.cost.flops / 1e12:9.3f} {p.cost.bytes_accessed / 1e9:7.2f}"
                      f"   {bound:9.4f} s  {p.calls:5d}  {bound * p.calls:9.4f} s")
-    token = report.decode_token.bound_s(chip)
-    hbm = report.decode_hbm_bytes / chip.hbm_bandwidth
-    lines.append(f"    decode, one token          {report.decode_token.flops / 1e12:9.3f} "
-                 f"{report.decode_token.bytes_accessed / 1e9:7.2f}   {token * 1e3:9.3f} ms; HBM "
-                 f"bound (decode copy + mean cache read) {hbm * 1e3:.3f} ms: "
-                 f"{token / hbm:.2f}x")
+    if report.decode_token.bytes_accessed:  # none when XLA would not compile the step
+        token = report.decode_token.bound_s(chip)
+        hbm = report.decode_hbm_bytes / chip.hbm_bandwidth
+        lines.append(f"    decode, one token          {report.decode_token.flops / 1e12:9.3f} "
+                     f"{report.decode_token.bytes_accessed / 1e9:7.2f}   {token * 1e3:9.3f} ms; "
+                     f"HBM bound (decode copy + mean cache read) {hbm * 1e3:.3f} ms: "
+                     f"{token / hbm:.2f}x")
+    if any(p.refused for p in report.phases):
+        lines.append("  no step lower bound: a phase does not fit")
+        return lines
     tokens = inputs.prompts_per_step * inputs.n * (inputs.prompt_len + inputs.response_len)
     lines.append(f"  step lower bound {step:.2f} s: at most {tokens / step / report.devices:,.0f} "
                  "tokens/s per device (prompt + response tokens)")

@@ -208,6 +208,28 @@ def test_xla_tpu_fits_a_program_by_the_figure_the_plan_reads(planned):
         update_capped(math.floor(0.9 * figure / mib))
 
 
+def test_a_program_xla_tpu_refuses_for_memory_is_reported_as_not_fitting():
+    """XLA:TPU will not compile a program over the chip's HBM (RESOURCE_EXHAUSTED). The plan
+    goes on: the phase shows what XLA said it needs, `fits: NO` names it and its knob, and
+    the roofline has no bound for it, nor for the step."""
+    from jaxzero.rl.plan import format_report, plan_memory
+    spec, devices, mesh = _mesh()
+    deep = dataclasses.replace(SMALL, num_hidden_layers=24)
+    inputs = _inputs(prompts_per_step=16, n=8, prompt_len=1920, response_len=128,
+                     micro_batches=1, remat=False)
+    report = plan_memory(deep, inputs, mesh, device_bytes=16 * 2 ** 30,
+                         host_devices=tgt.devices_per_host(devices))
+    update = report.phase("update")
+    assert update.refused and "RESOURCE_EXHAUSTED" in update.refused
+    assert update.xla > 16 * 2 ** 30 and update.cost.flops == 0
+    assert not report.phase("prefill").refused
+    text = format_report("deep", report, inputs, tgt.device_peaks(spec, devices))
+    assert "fits: NO, 1 phase(s) over 16 GiB per device" in text
+    assert "update: " in text and "raise grpo.micro_batches" in text
+    assert "XLA:TPU would not compile it: RESOURCE_EXHAUSTED" in text
+    assert "no step lower bound" in text
+
+
 def _rematerialised_mlp(hlo: str) -> int:
     """MLP matmuls XLA recomputes for a backward pass (jax.checkpoint's rematted ops)."""
     return len(re.findall(r'op_name="[^"]*/rematted_computation/[^"]*BTD,DF->BTF/dot_general',

@@ -86,3 +86,29 @@ def test_a_decode_layout_the_mesh_cannot_take_is_refused_before_any_train_compil
                         remat=False, use_kl=False, decode_layout="tensor")
     with pytest.raises(ConfigError, match="more than one host's 4"):
         plan_memory(TINY, inputs, make_mesh(1, 4, 2), host_devices=4)
+
+
+def test_an_out_of_memory_refusal_becomes_the_bytes_it_names_and_other_errors_pass():
+    """XLA:TPU's two refusals (its early estimate and its allocator's "Used X of Y"), in
+    GiB/MiB as it prints them; an error that is not about memory is raised as it was."""
+    import jax
+
+    from jaxzero.rl.plan import Refused, _compiled_or_refused, refused_needs
+    early = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (16.94G) exceeds available HBM (15.75G).")
+    late = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran "
+            "out of memory in memory space hbm. Used 20.90M of 17.00M hbm. Exceeded hbm "
+            "capacity by 3.90M.\n\nTotal hbm usage >= 278.90M:")
+    assert refused_needs(early) == int(16.94 * 2 ** 30)
+    assert refused_needs(late) == int(20.90 * 2 ** 20)
+    assert refused_needs("RESOURCE_EXHAUSTED: something else") is None
+
+    def raising(message):
+        def thunk():
+            raise jax.errors.JaxRuntimeError(message)
+        return thunk
+
+    refused = _compiled_or_refused(raising(late))
+    assert refused == Refused(int(20.90 * 2 ** 20), late.splitlines()[0])
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+        _compiled_or_refused(raising("INVALID_ARGUMENT: bad sharding"))
