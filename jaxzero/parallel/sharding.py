@@ -181,13 +181,14 @@ def choose_decode_layout(choice: str, copy_bytes: int, device_bytes: int | None,
     """The rollout copy's layout: `choice` unless 'auto', which replicates a copy of
     `copy_bytes` when it takes at most REPLICATED_SHARE of a device (always when the device
     reports no memory, as CPUs do) and goes tensor-parallel otherwise. A tensor layout must
-    fit within a host (HOST spans at most `host_devices`)."""
+    fit within a host (HOST spans at most `host_devices`); where it cannot, auto replicates
+    (the plan then says whether the copy fits)."""
+    span = math.prod(mesh.shape[a] for a in HOST)
     if choice == "auto":
         small = device_bytes is None or copy_bytes <= REPLICATED_SHARE * device_bytes
-        choice = "replicated" if small else "tensor"
+        choice = "replicated" if small or span > host_devices else "tensor"
     if choice not in DECODE_LAYOUTS:
         raise ConfigError(f"rollout.decode_layout={choice!r}: use auto, replicated or tensor")
-    span = math.prod(mesh.shape[a] for a in HOST)
     if choice == "tensor" and span > host_devices:
         raise ConfigError(f"rollout.decode_layout=tensor splits the copy over the mesh's "
                           f"{'×'.join(HOST)} axes ({span} devices), more than one host's "

@@ -81,35 +81,50 @@ class PlanInputs:
 
 def train_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                       param_bytes: int, logit_chunk: int = 128) -> int:
-    """Per-device bytes the update needs beyond its inputs, counted from shapes.
+    """Per-device bytes the update needs beyond its inputs, counted from shapes, at the larger
+    of its two peaks (XLA:TPU's buffer listings show both).
 
-    Per micro-batch of `seqs` sequences of `length` tokens: with remat, every block's input
-    is kept and one block's internals at a time are rebuilt for its backward pass (attention
-    scores and probabilities in float32 with their gradient, the q/k/v, attention and MLP
-    activations); without remat every block's internals are kept. Plus one chunk of float32
-    logits with its softmax and gradient, and the gradients (twice with micro-batching: the
-    accumulator and the current micro-batch's).
+    Held throughout a micro-batch of `seqs` sequences of `length` tokens: every block's input
+    (kept for the backward) and, with micro-batching, the float32 gradient accumulator. On
+    top of it, the larger of
+    - the lm_head's backward: its weight gathered whole in the compute dtype (twice: for the
+      forward and the backward), its float32 gradient whole before the reduce-scatter, and
+      one chunk of float32 logits with their gradient;
+    - the blocks' backward: one block's internals rebuilt (with remat; without, every
+      block's are kept: attention scores and probabilities in float32 with their gradient
+      unless splash, the q/k/v, attention and MLP activations) and the micro-batch's
+      gradients.
     """
     seqs, length = inputs.train_rows(mesh.shape["data"] * mesh.shape["fsdp"])
     block, logits = _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk)
-    inputs_kept = config.num_hidden_layers * seqs * length * config.hidden_size * \
-        np.dtype(inputs.compute_dtype).itemsize
-    acts = inputs_kept + (block if inputs.remat else config.num_hidden_layers * block)
-    grads = param_bytes * (2 if inputs.micro_batches > 1 else 1)
-    return int(acts + 3 * logits + grads)
+    cb = np.dtype(inputs.compute_dtype).itemsize
+    inputs_kept = config.num_hidden_layers * seqs * length * config.hidden_size * cb
+    accumulator = param_bytes if inputs.micro_batches > 1 else 0
+    lm_head = _vocab_weight_elements(config, mesh) * (2 * cb + 4) + 2 * logits
+    blocks = (block if inputs.remat else config.num_hidden_layers * block) + param_bytes
+    return int(inputs_kept + accumulator + max(lm_head, blocks))
 
 
 def logprob_activations(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
                         logit_chunk: int = 128) -> int:
     """Per-device bytes of a log-prob pass beyond its inputs, counted from shapes: one
     micro-batch, forward only, so one block's internals (no gradient), the residual stream
-    in and out, one chunk of float32 logits with its softmax, and the [M·B, N] output."""
+    in and out, the lm_head's weight gathered whole in the compute dtype, one chunk of
+    float32 logits with its softmax, and the [M·B, N] output."""
     seqs, length = inputs.train_rows(mesh.shape["data"] * mesh.shape["fsdp"])
     block, logits = _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk)
-    stream = 2 * seqs * length * config.hidden_size * np.dtype(inputs.compute_dtype).itemsize
+    cb = np.dtype(inputs.compute_dtype).itemsize
+    stream = 2 * seqs * length * config.hidden_size * cb
     out = inputs.prompts_per_step * inputs.n * inputs.response_len * 4 / \
         (mesh.shape["data"] * mesh.shape["fsdp"])
-    return int(block * 2 / 3 + stream + 2 * logits + out)
+    lm_head = _vocab_weight_elements(config, mesh) * cb
+    return int(block * 2 / 3 + stream + lm_head + 2 * logits + out)
+
+
+def _vocab_weight_elements(config: Qwen2Config, mesh: Mesh) -> float:
+    """Elements of the lm_head's weight on one device once FSDP has gathered it: the whole
+    [V, D], its vocabulary split over the tensor axis."""
+    return config.vocab_size / mesh.shape["tensor"] * config.hidden_size
 
 
 def _block_and_logits(config, inputs, mesh, seqs, length, logit_chunk):
@@ -261,8 +276,8 @@ def _memory(compiled) -> int:
     That is what XLA:TPU fits against the chip's memory: capped by
     `xla_tpu_max_hbm_size_mib`, it compiles a program exactly when this figure fits, within
     a few per cent (tests/parallel/test_tpu_target.py). Its `temp_size_in_bytes` counts more
-    (arguments + temp was 1.2x the compiler's own "used" figure for 1.5B's update on v5p,
-    BENCHMARKS.md), so it is not used. Where a backend reports no peak: arguments + outputs
+    (arguments + temp came to 1.19x the "Used" of XLA:TPU's own refusal for 1.5B's update
+    cut to 2 layers on v5p, BENCHMARKS.md), so it is not used. Where a backend reports no peak: arguments + outputs
     - aliased (donated) + temporaries."""
     if isinstance(compiled, Refused):
         return compiled.needs

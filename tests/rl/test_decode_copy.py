@@ -94,11 +94,14 @@ def test_the_decode_loop_carries_no_float32_weight_and_gathers_nothing():
 
 
 def test_auto_layout_replicates_small_copies_and_splits_large_ones_within_a_host():
+    """...and replicates a large one whose tensor layout would span hosts."""
     mesh = make_mesh(1, 4, 2)
     gib = 2 ** 30
     assert choose_decode_layout("auto", 3 * gib, None, mesh, 8) == "replicated"  # CPU
     assert choose_decode_layout("auto", 3 * gib, 140 * gib, mesh, 8) == "replicated"
     assert choose_decode_layout("auto", 15 * gib, 16 * gib, mesh, 8) == "tensor"
+    # fsdp × tensor = 8 devices over hosts of 4: tensor cannot, so auto replicates.
+    assert choose_decode_layout("auto", 6 * gib, 16 * gib, mesh, 4) == "replicated"
     with pytest.raises(ConfigError, match="more than one host's 4"):
         choose_decode_layout("tensor", gib, None, mesh, 4)
     table = ShardingConfig.decode_tensor()

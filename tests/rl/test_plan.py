@@ -55,8 +55,8 @@ def test_logprob_passes_are_counted_a_micro_batch_at_a_time():
     mesh = make_mesh(1, 4, 2)
     whole = logprob_activations(TINY, _inputs(), mesh)
     quarter = logprob_activations(TINY, _inputs(micro_batches=4), mesh)
-    # All but the [B, R] output shrinks with the micro-batch.
-    out = 8 * 4 * 64 * 4 / 4
+    # All but the [B, R] output and the gathered lm_head weight shrinks with the micro-batch.
+    out = 8 * 4 * 64 * 4 / 4 + TINY.vocab_size / 2 * TINY.hidden_size * 4
     np.testing.assert_allclose(quarter - out, (whole - out) / 4, rtol=1e-6)
     # A packed micro-batch is one row of the token budget per device: 8 rows of 128 over 4
     # shards are 2 rows, so at 256 tokens the (linear) stream terms match, scores do not.
@@ -80,7 +80,7 @@ def test_a_decode_layout_the_mesh_cannot_take_is_refused_before_any_train_compil
     def compiled_too_early(*_):
         raise AssertionError("the train programs compiled before the layout was checked")
 
-    monkeypatch.setattr(plan, "train_programs", compiled_too_early)
+    monkeypatch.setattr(plan, "_train_lowered", compiled_too_early)
     inputs = PlanInputs(prompts_per_step=4, n=2, prompt_len=8, response_len=4, micro_batches=1,
                         param_dtype="float32", compute_dtype="bfloat16", ref_dtype="bfloat16",
                         remat=False, use_kl=False, decode_layout="tensor")
