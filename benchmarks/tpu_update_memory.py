@@ -56,7 +56,8 @@ def main(argv=None):
     from jaxzero.io.identity import run_architecture
     from jaxzero.cli.plan import plan_inputs
     from jaxzero.parallel.sharding import make_mesh
-    from jaxzero.rl.plan import train_activations, train_programs, train_setup
+    from jaxzero.rl.plan import (program_bytes, train_activations, train_programs,
+                                  train_setup)
 
     cfg = load_config(args.config, args.overrides)
     config = run_architecture(cfg.model)
@@ -73,7 +74,7 @@ def main(argv=None):
     m = update.memory_analysis()
     outside = ref + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     heap = outside + heap_bytes(dump)
-    program = m.peak_memory_in_bytes + m.generated_code_size_in_bytes
+    program = program_bytes(update)
     temp_sum = outside + m.temp_size_in_bytes
     print(f"update of {cfg.model.path} ({config.num_hidden_layers} layers) on {args.target}, "
           f"mesh {dict(mesh.shape)}, per device:")
@@ -96,8 +97,8 @@ def main(argv=None):
             over = (c.argument_size_in_bytes + c.output_size_in_bytes - c.alias_size_in_bytes
                     + c.temp_size_in_bytes) / 2 ** 20
             print(f"  capped at {cap_mib} MiB (peak + code + 3 %): compiled; its peak + code "
-                  f"{(c.peak_memory_in_bytes + c.generated_code_size_in_bytes) / 2 ** 20:.0f} "
-                  f"MiB, its arguments + temp_size {over:.0f} MiB")
+                  f"{program_bytes(capped) / 2 ** 20:.0f} MiB, its arguments + temp_size "
+                  f"{over:.0f} MiB")
 
 
 if __name__ == "__main__":

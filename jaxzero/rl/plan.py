@@ -176,7 +176,7 @@ class Phase:
     name: str
     computed: int       # from shapes and shardings
     xla: int            # resident state outside the program + the program's own bytes, from
-                        # XLA's memory analysis (`_memory`)
+                        # XLA's memory analysis (`program_bytes`)
     cost: Cost          # one call (the decode phase: one whole rollout call)
     calls: int          # calls per step
     knob: str           # what to change when it does not fit
@@ -268,7 +268,7 @@ def _compiled_or_refused(compile_thunk):
         return Refused(needs, str(e).strip().splitlines()[0])
 
 
-def _memory(compiled) -> int:
+def program_bytes(compiled) -> int:
     """Per-device bytes a compiled program needs: XLA's peak of the buffers live at once,
     arguments and outputs included (`peak_memory_in_bytes`, the temporaries' heap with its
     fragmentation), plus the program's code, which a TPU keeps in HBM (its "overlays").
@@ -277,8 +277,8 @@ def _memory(compiled) -> int:
     `xla_tpu_max_hbm_size_mib`, it compiles a program exactly when this figure fits, within
     a few per cent (tests/parallel/test_tpu_target.py). Its `temp_size_in_bytes` counts more
     (arguments + temp came to 1.19x the "Used" of XLA:TPU's own refusal for 1.5B's update
-    cut to 2 layers on v5p, BENCHMARKS.md), so it is not used. Where a backend reports no peak: arguments + outputs
-    - aliased (donated) + temporaries."""
+    cut to 2 layers on v5p, BENCHMARKS.md), so it is not used. Where a backend reports no
+    peak: arguments + outputs - aliased (donated) + temporaries."""
     if isinstance(compiled, Refused):
         return compiled.needs
     m = compiled.memory_analysis()
@@ -391,17 +391,18 @@ def plan_memory(config: Qwen2Config, inputs: PlanInputs, mesh: Mesh,
     rollout_resident = resident + rollout.copy + rollout.kv
     refusal = lambda program: program.message if isinstance(program, Refused) else None
     phases = (
-        Phase("update", resident + train_acts, ref_bytes + _memory(update), Cost.of(update),
-              inputs.updates_per_step, KNOBS["update"], refusal(update)),
+        Phase("update", resident + train_acts, ref_bytes + program_bytes(update),
+              Cost.of(update), inputs.updates_per_step, KNOBS["update"], refusal(update)),
         Phase("log-prob pass", resident + logprob_activations(config, inputs, mesh),
-              o_bytes + ref_bytes + _memory(logprobs), Cost.of(logprobs), passes,
+              o_bytes + ref_bytes + program_bytes(logprobs), Cost.of(logprobs), passes,
               KNOBS["log-prob pass"], refusal(logprobs)),
         Phase("prefill", rollout_resident + rollout.prefill_acts,
-              resident + _memory(rollout.prefill), Cost.of(rollout.prefill), calls,
-              KNOBS["prefill"], refusal(rollout.prefill)),
+              resident + program_bytes(rollout.prefill), Cost.of(rollout.prefill),
+              calls, KNOBS["prefill"], refusal(rollout.prefill)),
         Phase("decode loop", rollout_resident + rollout.decode_temps,
-              resident + _memory(rollout.decode), rollout.token.scaled(inputs.response_len),
-              calls, KNOBS["decode loop"], refusal(rollout.decode)),
+              resident + program_bytes(rollout.decode),
+              rollout.token.scaled(inputs.response_len), calls, KNOBS["decode loop"],
+              refusal(rollout.decode)),
     )
     return PlanReport(
         platform=mesh.devices.flat[0].platform, devices=mesh.size, mesh=dict(mesh.shape),
